@@ -15,8 +15,8 @@ from .plan import Plan, build_plan
 from .token_alloc import TOKEN_METHODS, alloc_t, mask_to_slots, naee_mask, top_p_mask, topk_mask
 
 
-def apply(model, plan):
+def apply(model, plan, **kwargs):
     """Apply a plan to a Hugging Face MoE model; see `alloc_moe.hf_backend.apply`."""
     from .hf_backend import apply as _apply
 
-    return _apply(model, plan)
+    return _apply(model, plan, **kwargs)

@@ -1,0 +1,274 @@
+"""Apply a plan to a Hugging Face transformers MoE model with real compute savings.
+
+transformers 5.x MoE blocks (`model.model.layers[i].mlp`) call `gate(hidden) -> (logits [T,E], weights [T,K],
+index [T,K])` and then `experts(hidden, index, weights)`. Two patch points, neither touching parameters:
+
+- top-k mode: the router reads `gate.top_k` at every forward, so we set it to K_l. The experts then get [T, K_l]
+  slots: T*K_l rows are computed, in every experts implementation, and routing is the model's own.
+- alloc-t / top-p / naee: a forward hook on `gate` keeps the router's K_orig slots in place and marks dropped pairs
+  with the sentinel id `num_experts` and weight 0. The `eager` experts skip the sentinel expert; `grouped_mm` sorts
+  sentinels to the tail and computes only rows below the last offset (`_is_expert_parallel = True` makes it zero
+  those tail rows instead of leaving them uninitialised). `batched_mm` computes every slot whatever we do.
+  Slots are never reordered, so keeping every pair reproduces the unpatched model bit for bit.
+"""
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .errors import AllocMoeError
+from .plan import Plan, as_plan
+from .routing_stats import RoutingStats
+from .token_alloc import TOKEN_METHODS
+
+
+def _norm_topk(gate) -> bool:
+    return bool(getattr(gate, "norm_topk_prob", False))
+
+
+# model_type -> does the router renormalise the kept top-k weights? (one entry per supported architecture)
+ARCHITECTURES: dict[str, Callable[[torch.nn.Module], bool]] = {
+    "deepseek_v2": lambda gate: False,  # multiplies by routed_scaling_factor instead
+    "qwen2_moe": _norm_topk,
+    "olmoe": _norm_topk,
+    "qwen3_moe": _norm_topk,
+    "mixtral": lambda gate: True,
+}
+
+
+@dataclasses.dataclass
+class MoeLayer:
+    index: int  # decoder-layer index
+    block: torch.nn.Module
+    gate: torch.nn.Module
+    experts: torch.nn.Module
+    num_experts: int
+    k_orig: int
+    renormalize: bool
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise AllocMoeError(f"{type(model).__name__} has no decoder layers at model.model.layers")
+    return layers
+
+
+def moe_layers(model) -> list[MoeLayer]:
+    """The model's sparse MoE blocks, in depth order (dense layers skipped)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise AllocMoeError(f"unsupported model type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
+    out = []
+    for i, layer in enumerate(_decoder_layers(model)):
+        block = getattr(layer, "mlp", None)
+        gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+        if gate is None or experts is None or not hasattr(gate, "top_k"):
+            continue
+        k = getattr(gate, "_alloc_moe_k_orig", gate.top_k)
+        out.append(MoeLayer(i, block, gate, experts, experts.num_experts, int(k), ARCHITECTURES[model_type](gate)))
+    if not out:
+        raise AllocMoeError(f"{type(model).__name__} has no MoE layers")
+    return out
+
+
+def check_plan_fits(plan: Plan, layers: list[MoeLayer]) -> None:
+    indices = [m.index for m in layers]
+    if plan.moe_layers != indices:
+        raise AllocMoeError(
+            f"plan is for MoE layers {_span(plan.moe_layers)} but the model's MoE layers are {_span(indices)}"
+        )
+    k_orig = {m.k_orig for m in layers}
+    if k_orig != {plan.k_orig}:
+        raise AllocMoeError(f"plan has k_orig={plan.k_orig} but the model's routers use top-k {sorted(k_orig)}")
+    for m, k in zip(layers, plan.k_per_layer):
+        if k > m.k_orig:
+            raise AllocMoeError(f"plan gives layer {m.index} K={k}, above the model's K_orig={m.k_orig}")
+
+
+def _span(xs: list[int]) -> str:
+    return f"{xs[0]}..{xs[-1]} ({len(xs)} layers)" if xs == list(range(xs[0], xs[-1] + 1)) else str(xs)
+
+
+class _TokenMask:
+    """Which of the T flattened tokens of the current forward are real (from the 2-D attention mask)."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+
+    def capture(self, module, args, kwargs):
+        am = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if isinstance(am, torch.Tensor) and am.dim() == 2 and ids is not None:
+            S = ids.shape[1]
+            self.mask = am[:, -S:].reshape(-1).bool()  # [B*S]
+        else:
+            self.mask = None
+
+    def get(self, T: int) -> torch.Tensor | None:
+        m = self.mask
+        return m if m is not None and m.numel() == T else None
+
+
+class AppliedPlan:
+    """Handle returned by `apply`: `.remove()` (or leaving the `with` block) restores the model exactly."""
+
+    def __init__(self, model, plan: Plan | None, layers: list[MoeLayer], stats: RoutingStats | None):
+        self.model, self.plan, self.layers, self.stats = model, plan, layers, stats
+        self._handles: list = []
+        self._restore: list[tuple[object, str, object]] = []
+        self._token_mask = _TokenMask()
+        self._removed = False
+
+    def _set(self, obj, name, value):
+        self._restore.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for h in self._handles:
+            h.remove()
+        for obj, name, value in reversed(self._restore):
+            setattr(obj, name, value)
+        for m in self.layers:
+            if hasattr(m.gate, "_alloc_moe_k_orig"):
+                del m.gate._alloc_moe_k_orig
+        del self.model._alloc_moe_applied
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _router_hook(m: MoeLayer, slots_fn, kwargs: dict, token_mask: _TokenMask, needs_mask: bool):
+    sentinel = m.num_experts
+
+    def hook(gate, args, output):
+        logits, weights, index = output  # [T, E], [T, K], [T, K]
+        probs = logits.float().softmax(dim=-1)  # [T, E]
+        scores = probs.gather(1, index)  # [T, K] in the router's slot order
+        mask = token_mask.get(index.shape[0]) if needs_mask else None
+        keep = slots_fn(scores, token_mask=mask, **kwargs)  # [T, K]
+        new_w = torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+        if m.renormalize:
+            renormed = new_w / new_w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(new_w.dtype).tiny)
+            new_w = torch.where(keep.all(dim=-1, keepdim=True), weights, renormed)  # untouched rows stay bit-exact
+        new_index = torch.where(keep, index, torch.full_like(index, sentinel))
+        return logits, new_w, new_index
+
+    return hook
+
+
+def apply(model, plan: "Plan | str | dict | None", *, stats: RoutingStats | bool | None = None) -> AppliedPlan:
+    """Patch `model` to follow `plan` (a Plan, a path to a plan JSON, or None for statistics only).
+
+    The plan is checked against the model before anything is patched. Use as a context manager or call `.remove()`.
+    `stats=True` (or a RoutingStats) records what the experts actually computed; it costs a few small tensor ops
+    per layer and no host synchronisation.
+    """
+    if getattr(model, "_alloc_moe_applied", False):
+        raise AllocMoeError("a plan is already applied to this model; call .remove() on its handle first")
+    plan = as_plan(plan) if plan is not None else None
+    layers = moe_layers(model)
+    if plan is not None:
+        check_plan_fits(plan, layers)
+    if stats is True:
+        stats = RoutingStats()
+    handle = AppliedPlan(model, plan, layers, stats or None)
+    model._alloc_moe_applied = True
+    for m in layers:
+        m.gate._alloc_moe_k_orig = m.k_orig
+    impl = getattr(model.config, "_experts_implementation", None)
+    try:
+        if plan is not None:
+            _patch(handle, plan, layers, impl)
+        if handle.stats is not None:
+            _attach_stats(handle, layers)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _patch(handle: AppliedPlan, plan: Plan, layers: list[MoeLayer], impl) -> None:
+    mode = plan.token_allocation
+    if mode == "topk":
+        for m, k in zip(layers, plan.k_per_layer):
+            if int(k) != m.k_orig:
+                handle._set(m.gate, "top_k", int(k))
+        return
+    if impl == "batched_mm":
+        warnings.warn("experts_implementation='batched_mm' computes every slot: dropped pairs are zero-weighted but "
+                      "not skipped, so there is no compute saving (use 'grouped_mm' or 'eager')", stacklevel=3)
+    slots_fn = TOKEN_METHODS[mode]
+    needs_mask = mode == "alloc-t"
+    if needs_mask:
+        base = getattr(handle.model, "model", handle.model)
+        handle._handles.append(base.register_forward_pre_hook(handle._token_mask.capture, with_kwargs=True))
+    for i, (m, k) in enumerate(zip(layers, plan.k_per_layer)):
+        if mode == "alloc-t":
+            kwargs = {"k_layer": float(k), "k_base": plan.k_base}
+        else:
+            kwargs = {"threshold": float(plan.thresholds[i])}
+        handle._handles.append(m.gate.register_forward_hook(_router_hook(m, slots_fn, kwargs, handle._token_mask, needs_mask)))
+        handle._set(m.experts, "_is_expert_parallel", True)
+
+
+def _attach_stats(handle: AppliedPlan, layers: list[MoeLayer]) -> None:
+    st = handle.stats
+    for m in layers:
+        def on_router(gate, args, output, m=m):
+            st.observe_router(m.index, output[0], m.k_orig)
+
+        def on_experts(experts, args, kwargs, m=m):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            st.observe_experts(m.index, index, m.num_experts, m.k_orig)
+
+        # registered after the allocation hook, so the router hook sees the final routing
+        handle._handles.append(m.gate.register_forward_hook(on_router))
+        handle._handles.append(m.experts.register_forward_pre_hook(on_experts, with_kwargs=True))
+
+
+class ExpertRowCounter:
+    """Counts the rows that actually enter each MoE layer's expert up-projection GEMMs, by intercepting the
+    matrix-multiply calls themselves (`F.linear` in `eager`, `grouped_mm` in `grouped_mm`; rows past the last
+    offset are skipped by the kernel). An independent check that dropped pairs cost nothing.
+    """
+
+    def __init__(self, model):
+        self._by_storage = {m.experts.gate_up_proj.untyped_storage().data_ptr(): m.index for m in moe_layers(model)}
+        self.rows: dict[int, int] = {}
+
+    def __enter__(self):
+        counter = self
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                if name in ("linear", "grouped_mm", "_grouped_mm") and len(args) >= 2:
+                    layer = counter._by_storage.get(args[1].untyped_storage().data_ptr())
+                    if layer is not None:
+                        if name == "linear":
+                            n = args[0].shape[0]
+                        else:
+                            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+                            n = int(offs[-1])
+                        counter.rows[layer] = counter.rows.get(layer, 0) + n
+                return func(*args, **kwargs)
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
