@@ -34,7 +34,7 @@ def _cmd_plan(args) -> int:
     from .plan import build_plan
     from .sensitivity import read_sensitivity
 
-    provenance = {"package_version": __version__, "command": shlex.join(["alloc-moe", *sys.argv[1:]])}
+    provenance = {"package_version": __version__, "command": shlex.join(["alloc-moe", *args.argv])}
     S = None
     if args.sensitivity:
         layers, S = read_sensitivity(args.sensitivity)
@@ -57,7 +57,7 @@ def _cmd_plan(args) -> int:
     plan = build_plan(
         method=args.method, budget=args.budget, moe_layers=layers, k_orig=k_orig, sensitivity=S,
         token_allocation=args.token_allocation, k_base=args.k_base, normalization=args.normalization,
-        routing_scores=routing, model=args.model, provenance=provenance,
+        routing_scores=routing, model=args.model, provenance=provenance, exact_budget=args.exact_budget,
     )
     plan.save(args.out)
     print(f"wrote {args.out}: {args.method} x {args.token_allocation}, budget {plan.budget:g}, "
@@ -104,6 +104,8 @@ def _register_core(sub) -> None:
     p.add_argument("--k-base", type=int, default=1, help="alloc-t: experts every token keeps (default: 1)")
     p.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="alloc-l: sensitivity row normalisation (default: relative)")
+    p.add_argument("--exact-budget", action="store_true",
+                   help="alloc-l/lexi: spend exactly floor(B) (default: at most B, as in the paper's eq. 4)")
     p.add_argument("--routing-scores", metavar="FILE.pt", help="top-p/naee: recorded routing probabilities to calibrate thresholds on")
     p.add_argument("--moe-layers", type=_parse_layers, help="decoder indices of the MoE layers, e.g. 1-26 (data-free methods)")
     p.add_argument("--k-orig", type=int, help="the model's original top-k (data-free methods)")
@@ -132,7 +134,7 @@ def _command_modules():
     """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("zoo", "profiling", "evaluate"):
+    for name in ("zoo", "synthetic", "profiling", "evaluate"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:
@@ -144,7 +146,9 @@ def _command_modules():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args) or 0
     except AllocMoeError as e:

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import AllocMoeError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -14,15 +16,24 @@ def atomic_path(path: str | os.PathLike):
     A failure (or Ctrl-C) leaves no partial file behind: either the old file or nothing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AllocMoeError(f"output path {path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

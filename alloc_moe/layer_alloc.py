@@ -43,11 +43,12 @@ def normalize_sensitivity(S: np.ndarray, mode: str = DEFAULT_NORMALIZATION) -> n
     raise AllocMoeError(f"unknown normalisation {mode!r}; allowed: {', '.join(NORMALIZATIONS)}")
 
 
-def alloc_l(S, budget: float) -> list[int]:
+def alloc_l(S, budget: float, exact: bool = False) -> list[int]:
     """Exact dynamic program of eq. 6 on S exactly as given (no normalisation).
 
     S[i, k-1] is the cost of giving MoE layer i k experts, shape [L, K_orig]. Minimises sum_i S[i, K_i] subject to
-    sum_i K_i <= floor(B), 1 <= K_i <= K_orig. Ties (exactly equal total cost) are broken deterministically toward the
+    sum_i K_i <= floor(B) (paper eq. 4), or == floor(B) with `exact` (equal-compute comparisons when fewer experts
+    happen to cost less, e.g. on an untrained model), 1 <= K_i <= K_orig. Ties (exactly equal total cost) are broken deterministically toward the
     uniform allocation: among optimal allocations the one with the smallest sum_i (K_i - B/L)^2 wins, then the
     first found.
     """
@@ -81,8 +82,11 @@ def alloc_l(S, budget: float) -> list[int]:
         cost = best
         tie = np.where(np.isfinite(best), cand_tie[pick, b_idx], inf)
     # eq. 6 final step: argmin over b <= B, same tie rule
-    best_cost = cost.min()
-    b = int(np.where(cost == best_cost, tie, inf).argmin())
+    if exact:
+        b = B
+    else:
+        best_cost = cost.min()
+        b = int(np.where(cost == best_cost, tie, inf).argmin())
     out = [0] * L
     for i in range(L - 1, -1, -1):
         out[i] = int(choice[i, b])
@@ -159,13 +163,14 @@ def _require(sensitivity, method: str, num_layers: int, k_orig: int) -> np.ndarr
     return S
 
 
-def alloc_l_method(*, budget, num_layers, k_orig, sensitivity=None, integer=True, normalization=DEFAULT_NORMALIZATION):
+def alloc_l_method(*, budget, num_layers, k_orig, sensitivity=None, integer=True, normalization=DEFAULT_NORMALIZATION,
+                   exact=False):
     """Alloc-L on a raw Algorithm-1 perplexity matrix: normalise the rows, then solve eq. 6 exactly."""
     S = _require(sensitivity, "alloc-l", num_layers, k_orig)
-    return alloc_l(normalize_sensitivity(S, normalization), budget)
+    return alloc_l(normalize_sensitivity(S, normalization), budget, exact)
 
 
-def lexi(*, budget, num_layers, k_orig, sensitivity=None, integer=True):
+def lexi(*, budget, num_layers, k_orig, sensitivity=None, integer=True, exact=False):
     """LExI's per-layer K from its data-free sensitivity matrix (output deviation at k vs K_orig).
 
     LExI searches this separable objective with an evolutionary algorithm; the exact DP finds its optimum
@@ -173,7 +178,7 @@ def lexi(*, budget, num_layers, k_orig, sensitivity=None, integer=True):
     normalisation is undefined).
     """
     S = _require(sensitivity, "lexi", num_layers, k_orig)
-    return alloc_l(S, budget)
+    return alloc_l(S, budget, exact)
 
 
 LAYER_METHODS: dict[str, Callable[..., list]] = {

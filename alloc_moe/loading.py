@@ -1,5 +1,7 @@
 """Load a causal-LM checkpoint (hub id or local directory) through the native transformers classes."""
 
+import os
+
 import torch
 
 from .errors import AllocMoeError
@@ -28,6 +30,8 @@ def load_model(name: str, *, device: str | None = None, dtype: str | None = None
     `deepseek_v2` classes. Offline, a hub id fails with a one-line error; pass a local directory instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise AllocMoeError(f"model directory not found: {name} (give a local model directory or a hub id like org/name)")
     dev = pick_device(device)
     kwargs = {"dtype": pick_dtype(dtype, dev), "trust_remote_code": False}
     if experts_implementation:

@@ -57,6 +57,16 @@ class Plan:
             where = "/".join(str(p) for p in e.absolute_path) or "plan"
             raise AllocMoeError(f"invalid plan: {where}: {e.message}") from None
         L, K = self.num_layers, self.k_orig
+        if not math.isfinite(self.budget):
+            raise AllocMoeError(f"invalid plan: budget must be finite, got {self.budget}")
+        from .budget import check_budget
+
+        try:
+            check_budget(self.budget, L, K, self.k_base if self.token_allocation == "alloc-t" else 1)
+        except AllocMoeError as e:
+            raise AllocMoeError(f"invalid plan: {e}") from None
+        if self.thresholds is not None and not all(math.isfinite(t) for t in self.thresholds):
+            raise AllocMoeError("invalid plan: thresholds must be finite numbers in [0, 1]")
         if list(self.moe_layers) != sorted(self.moe_layers):
             raise AllocMoeError("invalid plan: moe_layers must be ascending decoder-layer indices")
         if len(self.k_per_layer) != L:
@@ -127,6 +137,7 @@ def build_plan(
     routing_scores: dict | None = None,
     model: str = "unspecified",
     provenance: dict | None = None,
+    exact_budget: bool = False,
 ) -> Plan:
     """Allocate K per layer with a registered layer method, calibrate thresholds if the token mode needs them.
 
@@ -152,6 +163,8 @@ def build_plan(
         kwargs["normalization"] = normalization
     else:
         normalization = None
+    if method in ("alloc-l", "lexi"):
+        kwargs["exact"] = exact_budget
     ks = allocate_layers(method, **kwargs)
     if token_allocation == "alloc-t" and min(ks) < k_base:
         raise AllocMoeError(
