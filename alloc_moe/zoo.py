@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from .errors import AllocMoeError
+from .hf_backend import moe_layers
 
 # Byte-level tokenizer: ids 0..255 are bytes, then the specials.
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -201,8 +202,8 @@ def make_model(
     if router_std is not None:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            for i in moe_layer_indices(model):
-                w = _layers(model)[i].mlp.gate.weight
+            for m in moe_layers(model):
+                w = m.gate.weight
                 if not w.is_meta:
                     w.copy_(torch.randn(w.shape, generator=gen, device="cpu") * router_std)
     return model.eval()
@@ -257,28 +258,14 @@ def write_model(out_dir: str | os.PathLike, *, overwrite: bool = False, **make_m
     return model
 
 
-def _layers(model):
-    return getattr(model, "model", model).layers
-
-
 def moe_layer_indices(model) -> list[int]:
-    """Indices of decoder layers whose mlp has a router (`gate` with `top_k`) and `experts`."""
-    return [
-        i for i, layer in enumerate(_layers(model))
-        if hasattr(getattr(layer.mlp, "gate", None), "top_k") and hasattr(layer.mlp, "experts")
-    ]
-
-
-def _routers(model):
-    routers = [_layers(model)[i].mlp.gate for i in moe_layer_indices(model)]
-    if not routers:
-        raise AllocMoeError(f"{type(model).__name__} has no MoE layers")
-    return routers
+    """Decoder-layer indices of the sparse MoE blocks (see `hf_backend.moe_layers`)."""
+    return [m.index for m in moe_layers(model)]
 
 
 def k_orig(model) -> int:
     """The model's own top-k (the same in every MoE layer)."""
-    ks = {r.top_k for r in _routers(model)}
+    ks = {m.k_orig for m in moe_layers(model)}
     if len(ks) != 1:
         raise AllocMoeError(f"MoE layers disagree on top-k: {sorted(ks)}")
     return ks.pop()
@@ -286,7 +273,7 @@ def k_orig(model) -> int:
 
 def num_experts(model) -> int:
     """Routed experts per MoE layer (the same in every MoE layer)."""
-    ns = {r.weight.shape[0] for r in _routers(model)}
+    ns = {m.num_experts for m in moe_layers(model)}
     if len(ns) != 1:
         raise AllocMoeError(f"MoE layers disagree on the number of experts: {sorted(ns)}")
     return ns.pop()
