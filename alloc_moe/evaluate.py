@@ -72,7 +72,8 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     docs = load_calibration(args.calib)
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, experts_implementation=args.experts_implementation)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, experts_implementation=args.experts_implementation,
+                            progress=not args.no_progress)
     windows = tokenize_windows(docs, tok, seq_len=args.seq_len, max_tokens=args.max_tokens)
     return model, windows
 

@@ -219,7 +219,9 @@ def _patch(handle: AppliedPlan, plan: Plan, layers: list[MoeLayer], impl) -> Non
             kwargs = {"k_layer": float(k), "k_base": plan.k_base}
         else:
             kwargs = {"threshold": float(plan.thresholds[i])}
-        handle._handles.append(m.gate.register_forward_hook(_router_hook(m, slots_fn, kwargs, handle._token_mask, needs_mask)))
+        # at K_orig every candidate is kept, padding included, so the layer is exactly the original one
+        masked = needs_mask and k != m.k_orig
+        handle._handles.append(m.gate.register_forward_hook(_router_hook(m, slots_fn, kwargs, handle._token_mask, masked)))
         handle._set(m.experts, "_is_expert_parallel", True)
 
 

@@ -25,10 +25,15 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(name: str, *, device: str | None = None, dtype: str | None = None, experts_implementation: str | None = None):
+def load_model(name: str, *, device: str | None = None, dtype: str | None = None, experts_implementation: str | None = None,
+               progress: bool = True):
     """(model, tokenizer) in eval mode. Never runs remote code: DeepSeek-V2-Lite uses transformers' native
     `deepseek_v2` classes. Offline, a hub id fails with a one-line error; pass a local directory instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
 
     if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise AllocMoeError(f"model directory not found: {name} (give a local model directory or a hub id like org/name)")

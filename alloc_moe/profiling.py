@@ -57,15 +57,35 @@ class _Checkpoint:
 
     def __init__(self, path: Path, fingerprint: dict):
         self.path, self.fingerprint, self.rows = path, fingerprint, {}
-        if path.exists():
-            data = json.loads(path.read_text())
-            if data.get("fingerprint") != fingerprint:
+        self.original_nll: float | None = None
+        data = self.read(path)
+        if data is not None:
+            if data["fingerprint"] != fingerprint:
                 raise AllocMoeError(f"checkpoint {path} belongs to a different profiling run; delete it to start over")
-            self.rows = {int(i): v for i, v in data["rows"].items()}
+            self.rows, self.original_nll = data["rows"], data["original_nll"]
+
+    @staticmethod
+    def read(path: Path) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return {"fingerprint": data.get("fingerprint"), "original_nll": data.get("original_nll"),
+                    "rows": {int(i): [float(x) for x in v] for i, v in data["rows"].items()}}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise AllocMoeError(f"checkpoint {path} is corrupt; delete it to start over") from None
+
+    def check_original(self, nll: float) -> None:
+        """The original model's NLL is recomputed by every run: a resumed run must see the same model and data."""
+        if self.original_nll is not None and not math.isclose(nll, self.original_nll, rel_tol=1e-6):
+            raise AllocMoeError(f"checkpoint {self.path} was made with a different model or data (original NLL "
+                                f"{self.original_nll:.6g}, now {nll:.6g}); delete it to start over")
+        self.original_nll = nll
 
     def save_row(self, i: int, values: list[float]) -> None:
         self.rows[i] = values
-        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
+        atomic_write_text(self.path, json.dumps(
+            {"fingerprint": self.fingerprint, "original_nll": self.original_nll, "rows": self.rows}, indent=1))
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -96,6 +116,8 @@ def profile_perplexity(
     with torch.inference_mode(), _TopK(layers) as topk:
         topk.set([K] * L)
         full = _full_nll(model, batches)  # S[L-1, K_orig]: the original model
+        if ckpt:
+            ckpt.check_original(full)
         bar.update(1)
         run_row = _suffix_rows(model, layers, batches, topk, todo, bar) if prefix_reuse else _naive_rows(model, layers, batches, topk, todo, bar)
         for i, values in run_row:
@@ -242,18 +264,23 @@ def _cmd_profile(args) -> int:
         if getattr(args, name) < 1:
             raise AllocMoeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     docs = load_calibration(args.calib) if args.method == "ppl" else None
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, experts_implementation=args.experts_implementation)
+    ckpt_path = Path(str(args.out) + ".ckpt.json")
+    if args.method == "ppl":
+        _Checkpoint.read(ckpt_path)  # a corrupt checkpoint fails before the model is loaded
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, experts_implementation=args.experts_implementation,
+                            progress=not args.no_progress)
     torch.manual_seed(args.seed)
     if args.method == "lexi":
         layers, S = profile_lexi(model, tokens=args.lexi_tokens, draws=args.lexi_draws, seed=args.seed, progress=not args.no_progress)
     else:
         windows = tokenize_windows(docs, tok, seq_len=args.seq_len, max_tokens=args.max_tokens)
         fingerprint = {"model": args.model, "calib": args.calib, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                       "batch_size": args.batch_size, "prefix_reuse": not args.no_prefix_reuse,
+                       "batch_size": args.batch_size, "prefix_reuse": not args.no_prefix_reuse, "dtype": args.dtype,
+                       "device": args.device, "experts_implementation": args.experts_implementation,
                        "windows_sum": int(windows.input_ids.sum()), "version": __version__}
         layers, S = profile_perplexity(
             model, windows.input_ids, batch_size=args.batch_size, prefix_reuse=not args.no_prefix_reuse,
-            checkpoint=Path(str(args.out) + ".ckpt.json"), fingerprint=fingerprint, progress=not args.no_progress,
+            checkpoint=ckpt_path, fingerprint=fingerprint, progress=not args.no_progress,
         )
     write_sensitivity(args.out, layers, S)
     print(f"wrote {args.out}: {len(layers)} MoE layers x K_orig={S.shape[1]} ({args.method})")

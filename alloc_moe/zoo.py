@@ -188,11 +188,17 @@ def make_model(
     router_std: float | None = None,
     dtype: torch.dtype = torch.float32,
     experts_implementation: str | None = None,
+    overrides: dict | None = None,
 ):
-    """Randomly initialised causal LM; same arguments -> bitwise-identical weights."""
+    """Randomly initialised causal LM; same arguments -> bitwise-identical weights.
+
+    `overrides` sets config fields after the arch/topology defaults (e.g. {"num_experts_per_tok": 3}).
+    """
     if router_std is not None and not (router_std > 0):
         raise AllocMoeError(f"router_std must be > 0, got {router_std!r}")
     config = make_config(arch, topology=topology, layers=layers, width=width)
+    for name, value in (overrides or {}).items():
+        setattr(config, name, value)
     kwargs = {"dtype": dtype}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
