@@ -26,7 +26,6 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def _cmd_plan(args) -> int:
-    import hashlib
     import shlex
 
     from . import __version__

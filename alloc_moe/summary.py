@@ -20,7 +20,7 @@ def perplexity_table(original: str | Path, plans: list[str | Path]) -> pd.DataFr
     base = json.loads(Path(original).read_text())
     base_ppl = {"all": base["ppl"], **{f: v["ppl"] for f, v in base["per_family"].items()}}
     rows = []
-    for path, run in [(original, base)] + [(p, json.loads(Path(p).read_text())) for p in plans]:
+    for run in [base] + [json.loads(Path(p).read_text()) for p in plans]:
         if run.get("plan"):
             plan = json.loads(Path(run["plan"]).read_text())
             layer, token, budget = plan["layer_method"], plan["token_allocation"], plan["budget"]

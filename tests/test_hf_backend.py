@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from alloc_moe import AllocMoeError, Plan, build_plan, zoo
 from alloc_moe.hf_backend import ARCHITECTURES, AppliedPlan, ExpertRowCounter, apply, moe_layers

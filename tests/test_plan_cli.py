@@ -1,8 +1,6 @@
 """The plan artifact (schema + cross-field rules), `build_plan`, and the `alloc-moe plan` / `alloc-moe show` CLI."""
 
-import copy
 import json
-import math
 import os
 import re
 import shlex

@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from alloc_moe import AllocMoeError, Plan, apply, profiling, zoo
 from alloc_moe.cli import main

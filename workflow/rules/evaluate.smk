@@ -10,6 +10,9 @@ rule ppl_original:
     params:
         model=model_dir,
         data=corpus_file("evaluation"),
+        seq_len=_EVAL["seq_len"],
+        max_tokens=_EVAL["max_tokens"],
+        batch_size=_EVAL["batch_size"],
         pkg=PKG,
     threads: THREADS
     log:
@@ -17,8 +20,8 @@ rule ppl_original:
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe ppl --model {params.model} --calib {params.data} --seq-len {_EVAL[seq_len]} "
-        "--max-tokens {_EVAL[max_tokens]} --batch-size {_EVAL[batch_size]} --threads {threads} --no-progress "
+        "alloc-moe ppl --model {params.model} --calib {params.data} --seq-len {params.seq_len} "
+        "--max-tokens {params.max_tokens} --batch-size {params.batch_size} --threads {threads} --no-progress "
         "--out {output} > {log} 2>&1"
 
 
@@ -34,6 +37,9 @@ rule ppl_plan:
     params:
         model=model_dir,
         data=corpus_file("evaluation"),
+        seq_len=_EVAL["seq_len"],
+        max_tokens=_EVAL["max_tokens"],
+        batch_size=_EVAL["batch_size"],
         pkg=PKG,
     threads: THREADS
     log:
@@ -41,6 +47,6 @@ rule ppl_plan:
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe ppl --model {params.model} --plan {input.plan} --calib {params.data} --seq-len {_EVAL[seq_len]} "
-        "--max-tokens {_EVAL[max_tokens]} --batch-size {_EVAL[batch_size]} --threads {threads} --no-progress "
+        "alloc-moe ppl --model {params.model} --plan {input.plan} --calib {params.data} --seq-len {params.seq_len} "
+        "--max-tokens {params.max_tokens} --batch-size {params.batch_size} --threads {threads} --no-progress "
         "--out {output} > {log} 2>&1"
