@@ -84,8 +84,10 @@ def _cmd_ppl(args) -> int:
     plan = Plan.load(args.plan) if args.plan else None  # fail on a bad plan before loading the model
     model, windows = _load(args)
     res = evaluate_plan(model, windows, plan, batch_size=args.batch_size, progress=not args.no_progress)
+    from .provenance import environment
+
     res = {"model": args.model, "plan": args.plan, "plan_sha256": sha256_file(args.plan) if args.plan else None,
-           "calib": args.calib, "seq_len": args.seq_len, **res}
+           "calib": args.calib, "seq_len": args.seq_len, **res, "environment": environment()}
     label = f"{plan.layer_method} x {plan.token_allocation} B={plan.budget:g}" if plan else "original"
     print(f"{label}: ppl {res['ppl']:.4f} over {res['n_tokens']} tokens; "
           f"{res['activations_per_token']:.3f} expert activations per token over all MoE layers")

@@ -82,3 +82,12 @@ def test_invalid_config_is_rejected_before_any_job(tmp_path):
     assert res.returncode != 0
     assert "bogus" in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_results_record_versions_commit_and_hardware(run):
+    import json
+
+    env = json.loads((run / "results/tiny/summary/environment.json").read_text())
+    assert {"alloc_moe", "git_commit", "torch", "transformers", "platform", "cpu"} <= set(env)
+    run_json = json.loads((run / "results/tiny/eval/original.json").read_text())
+    assert run_json["environment"]["torch"] == env["torch"]

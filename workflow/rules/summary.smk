@@ -3,7 +3,8 @@ rule summarize_perplexity:
         original="results/{model}/eval/original.json",
         plans=lambda wc: expand("results/{{model}}/eval/{plan}.json", plan=plan_ids(wc.model)),
     output:
-        "results/{model}/summary/perplexity.csv",
+        table="results/{model}/summary/perplexity.csv",
+        environment="results/{model}/summary/environment.json",
     params:
         pkg=PKG,
     log:
