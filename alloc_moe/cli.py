@@ -45,8 +45,6 @@ def _cmd_plan(args) -> int:
         layers, k_orig = args.moe_layers, args.k_orig
     else:
         raise AllocMoeError("give --sensitivity S.csv, or --moe-layers and --k-orig for the data-free methods")
-    if args.method in ("alloc-l", "lexi") and S is None:
-        raise AllocMoeError(f"method {args.method!r} needs --sensitivity S.csv")
     routing = None
     if args.routing_scores:
         from .routing_stats import load_routing_scores

@@ -9,6 +9,7 @@ from typing import Any
 
 import jsonschema
 
+from .budget import check_budget
 from .errors import AllocMoeError
 from .io import atomic_write_text
 
@@ -59,8 +60,6 @@ class Plan:
         L, K = self.num_layers, self.k_orig
         if not math.isfinite(self.budget):
             raise AllocMoeError(f"invalid plan: budget must be finite, got {self.budget}")
-        from .budget import check_budget
-
         try:
             check_budget(self.budget, L, K, self.k_base if self.token_allocation == "alloc-t" else 1)
         except AllocMoeError as e:
@@ -144,7 +143,6 @@ def build_plan(
     `routing_scores` maps decoder-layer index -> recorded candidate scores [N, K_orig] (needed by top-p and naee).
     Top-k needs integer K per layer; the token modes accept the fractional uniform share B / L.
     """
-    from .budget import check_budget
     from .calibration import calibrate_threshold
     from .layer_alloc import DEFAULT_NORMALIZATION, LAYER_METHODS, allocate_layers
     from .token_alloc import THRESHOLD_METHODS, TOKEN_METHODS

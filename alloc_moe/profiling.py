@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .errors import AllocMoeError
 from .hf_backend import MoeLayer, moe_layers
 from .io import atomic_write_text
-from .perplexity import nll_from_logits
+from .perplexity import nll_from_logits, window_nll
 
 
 class _TopK:
@@ -45,11 +45,7 @@ def _batches(input_ids: torch.Tensor, batch_size: int, device) -> list[torch.Ten
 
 
 def _full_nll(model, batches) -> float:
-    total = 0.0
-    for ids in batches:
-        logits = model(input_ids=ids, use_cache=False).logits
-        total += float(nll_from_logits(logits, ids).sum())
-    return total
+    return sum(float(window_nll(model, ids).sum()) for ids in batches)
 
 
 class _Checkpoint:
@@ -115,11 +111,19 @@ def profile_perplexity(
     bar = tqdm(total=1 + L * (K - 1), initial=(L - len(todo)) * (K - 1), desc="profile", unit="pass", disable=not progress)
     with torch.inference_mode(), _TopK(layers) as topk:
         topk.set([K] * L)
-        full = _full_nll(model, batches)  # S[L-1, K_orig]: the original model
+        if prefix_reuse:  # one original pass gives S[L-1, K_orig] and the inputs the suffix runs start from
+            captured = [_capture_layer_inputs(model, ids, layers[0].index) for ids in batches]
+            full = sum(nll for _, _, nll in captured)
+        else:
+            full = _full_nll(model, batches)  # S[L-1, K_orig]: the original model
         if ckpt:
             ckpt.check_original(full)
         bar.update(1)
-        run_row = _suffix_rows(model, layers, batches, topk, todo, bar) if prefix_reuse else _naive_rows(model, layers, batches, topk, todo, bar)
+        if prefix_reuse:
+            states = [(h, kw) for h, kw, _ in captured]
+            run_row = _suffix_rows(model, layers, batches, states, topk, todo, bar)
+        else:
+            run_row = _naive_rows(model, layers, batches, topk, todo, bar)
         for i, values in run_row:
             rows[i] = values
             if ckpt:
@@ -145,9 +149,10 @@ def _naive_rows(model, layers, batches, topk, todo, bar):
         yield i, values
 
 
-def _capture_layer_inputs(model, decoder, ids, first: int):
-    """Run the model once (all K_orig) and record every decoder layer's keyword arguments (masks, rotary
-    embeddings: shared tensors, no copies) and the hidden states entering decoder layer `first`."""
+def _capture_layer_inputs(model, ids, first: int):
+    """Run the model once (all K_orig): return the hidden states entering decoder layer `first`, every decoder
+    layer's keyword arguments (masks, rotary embeddings: shared tensors, no copies) and the summed NLL."""
+    decoder = model.model.layers
     kwargs, hidden = {}, {}
 
     def pre_hook(j):
@@ -159,11 +164,12 @@ def _capture_layer_inputs(model, decoder, ids, first: int):
 
     handles = [layer.register_forward_pre_hook(pre_hook(j), with_kwargs=True) for j, layer in enumerate(decoder)]
     try:
-        model(input_ids=ids, use_cache=False)
+        logits = model(input_ids=ids, use_cache=False).logits
     finally:
         for h in handles:
             h.remove()
-    return hidden[0], {j: {k: v for k, v in kw.items() if k != "hidden_states"} for j, kw in kwargs.items()}
+    layer_kwargs = {j: {k: v for k, v in kw.items() if k != "hidden_states"} for j, kw in kwargs.items()}
+    return hidden[0], layer_kwargs, float(nll_from_logits(logits, ids).sum())
 
 
 def _run_layers(decoder, hidden, kwargs, start: int, stop: int):
@@ -172,13 +178,12 @@ def _run_layers(decoder, hidden, kwargs, start: int, stop: int):
     return hidden
 
 
-def _suffix_rows(model, layers, batches, topk, todo, bar):
+def _suffix_rows(model, layers, batches, states, topk, todo, bar):
+    """`states`: per batch, (hidden states entering the first MoE layer, per-layer kwargs) from the original pass."""
     L, K = len(layers), layers[0].k_orig
     base = model.model
     decoder = base.layers
     n_dec = len(decoder)
-    topk.set([K] * L)
-    states = [_capture_layer_inputs(model, decoder, ids, layers[0].index) for ids in batches]  # [(hidden, kwargs)]
     pos = layers[0].index  # decoder index the carried hidden states enter
     for i in todo:
         d = layers[i].index

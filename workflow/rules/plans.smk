@@ -1,6 +1,6 @@
 def _sensitivity(wildcards):
-    layer = wildcards.layer
-    name = {"lexi": "lexi", "alloc-l": "ppl"}.get(layer, "ppl")  # data-free methods still read layers / K_orig
+    # only alloc-l needs Algorithm 1; the data-free methods read layers and K_orig from the cheap LExI profile
+    name = "ppl" if wildcards.layer == "alloc-l" else "lexi"
     return f"results/{wildcards.model}/sensitivity/{name}.csv"
 
 
