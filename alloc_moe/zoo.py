@@ -28,6 +28,10 @@ TINY_VOCAB = 320  # TOKENIZER_VOCAB rounded up to a multiple of 64
 _TINY_ATTN = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
 # width="tiny" of a real topology: all layers and experts, so keep every expert very narrow
 _SHRINK_ATTN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4)
+# width="small": the trainable embedded size, with shapes vLLM's CPU build accepts (head_dim 32; DeepSeek-V2's MLA
+# needs kv_lora_rank + qk_rope_head_dim == 576 there). 16 routed experts, top-4, 9 decoder layers.
+_SMALL_ATTN = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+_SMALL_MOE = dict(num_hidden_layers=9, num_experts_per_tok=4, norm_topk_prob=False)
 
 # arch -> model_type, its generic tiny config ("tiny"), and what width="tiny" overrides in a published config ("shrink")
 ARCHITECTURES = {
@@ -38,6 +42,12 @@ ARCHITECTURES = {
             n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
             q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        ),
+        "small": dict(
+            _SMALL_ATTN, **_SMALL_MOE, intermediate_size=512, moe_intermediate_size=128, n_routed_experts=16,
+            n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=32,
+            qk_rope_head_dim=64, v_head_dim=32, topk_method="greedy", n_group=1, topk_group=1,
+            routed_scaling_factor=1.0,
         ),
         "shrink": dict(
             _SHRINK_ATTN, intermediate_size=64, moe_intermediate_size=16,
@@ -51,6 +61,10 @@ ARCHITECTURES = {
             moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=False,
         ),
+        "small": dict(
+            _SMALL_ATTN, **_SMALL_MOE, intermediate_size=512, moe_intermediate_size=128,
+            shared_expert_intermediate_size=128, num_experts=16,
+        ),
         "shrink": dict(
             _SHRINK_ATTN, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=64,
         ),
@@ -62,6 +76,7 @@ ARCHITECTURES = {
             _TINY_ATTN, num_hidden_layers=4, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
             norm_topk_prob=False,
         ),
+        "small": dict(_SMALL_ATTN, **_SMALL_MOE, intermediate_size=128, num_experts=16),
         "shrink": dict(_SHRINK_ATTN, intermediate_size=16),
     },
     "mixtral": {
@@ -70,6 +85,7 @@ ARCHITECTURES = {
             _TINY_ATTN, num_hidden_layers=4, num_key_value_heads=2, intermediate_size=32,
             num_local_experts=8, num_experts_per_tok=2,
         ),
+        "small": dict(_SMALL_ATTN, **_SMALL_MOE, intermediate_size=128, num_local_experts=16),
         "shrink": dict(_SHRINK_ATTN, intermediate_size=16),
     },
     "qwen3_moe": {
@@ -77,6 +93,10 @@ ARCHITECTURES = {
         "tiny": dict(
             _TINY_ATTN, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
             moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        ),
+        "small": dict(
+            _SMALL_ATTN, **{**_SMALL_MOE, "norm_topk_prob": True}, head_dim=32, intermediate_size=512,
+            moe_intermediate_size=128, num_experts=16,
         ),
         "shrink": dict(_SHRINK_ATTN, head_dim=8, intermediate_size=64, moe_intermediate_size=16),
     },
@@ -88,7 +108,7 @@ TOPOLOGIES = {
     "olmoe-1b-7b-0924": ("olmoe", "olmoe-1b-7b-0924.json"),
 }
 
-WIDTHS = ("tiny", "full")
+WIDTHS = ("tiny", "small", "full")
 
 
 def _choose(kind: str, value, allowed) -> None:
@@ -117,15 +137,17 @@ def make_config(
     width: str = "tiny",
     vocab_size: int | None = None,
 ) -> PretrainedConfig:
-    """Config of a generic tiny MoE of `arch`, or of a published `topology` at tiny or full width."""
+    """Config of a generic tiny or small MoE of `arch`, or of a published `topology` at tiny or full width."""
     arch = _resolve_arch(arch, topology)
     _choose("width", width, WIDTHS)
     spec = ARCHITECTURES[arch]
     if topology is None:
-        if width != "tiny":
+        if width == "full":
             raise AllocMoeError("width 'full' needs a topology; allowed: " + ", ".join(TOPOLOGIES))
-        d = dict(spec["tiny"])
+        d = dict(spec[width])
     else:
+        if width == "small":
+            raise AllocMoeError("width 'small' is a generic arch size; give --arch instead of --topology")
         path = importlib.resources.files("alloc_moe") / "configs" / TOPOLOGIES[topology][1]
         d = json.loads(path.read_text(encoding="utf-8"))
         d.pop("torch_dtype", None)  # make_model decides the dtype
@@ -136,7 +158,7 @@ def make_config(
         if isinstance(layers, bool) or not isinstance(layers, int) or layers <= dense:
             raise AllocMoeError(f"layers must be an integer >= {dense + 1} for {arch}, got {layers!r}")
         d["num_hidden_layers"] = layers
-    if vocab_size is None and width == "tiny":
+    if vocab_size is None and width != "full":
         vocab_size = TINY_VOCAB
     if vocab_size is not None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < TOKENIZER_VOCAB:

@@ -160,7 +160,7 @@ def test_tokenizer_roundtrips_non_ascii():
         (dict(arch=None), "give an arch"),
         (dict(arch="olmoe", layers=0), "layers"),
         (dict(arch="deepseek_v2", layers=1), ">= 2"),
-        (dict(arch="olmoe", width="huge"), "allowed: tiny, full"),
+        (dict(arch="olmoe", width="huge"), "allowed: tiny, small, full"),
         (dict(arch="olmoe", width="full"), "needs a topology"),
     ],
 )
@@ -210,3 +210,19 @@ def test_cli_make_model(tmp_path, capsys):
     assert (meta["topology"], meta["router_std"], meta["layers"]) == ("olmoe-1b-7b-0924", 0.5, 2)
     with pytest.raises(SystemExit):
         parser.parse_args(["make-model", "--arch", "gpt2", "--out", str(out)])
+
+
+@pytest.mark.parametrize("arch", sorted(zoo.ARCHITECTURES))
+def test_small_width_has_vllm_cpu_shapes(arch):
+    # vLLM's CPU attention needs head_dim >= 32; DeepSeek-V2's MLA needs kv_lora_rank + qk_rope_head_dim == 576
+    cfg = zoo.make_config(arch, width="small")
+    assert cfg.hidden_size // cfg.num_attention_heads >= 32
+    if arch == "deepseek_v2":
+        assert cfg.kv_lora_rank + cfg.qk_rope_head_dim == 576 and cfg.first_k_dense_replace == 1
+    model = zoo.make_model(arch, width="small")
+    assert zoo.k_orig(model) == 4 and zoo.num_experts(model) == 16
+
+
+def test_small_width_needs_arch_not_topology():
+    with pytest.raises(AllocMoeError, match="generic arch size"):
+        zoo.make_config(None, topology="olmoe-1b-7b-0924", width="small")
