@@ -1,0 +1,102 @@
+"""`alloc-moe train`: determinism, resume after a kill, loadable output, router summary, bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alloc_moe import synthetic
+from alloc_moe.cli import main
+from alloc_moe.errors import AllocMoeError
+from alloc_moe.train import TrainConfig, router_losses, train
+
+FAST = TrainConfig(arch="deepseek_v2", width="tiny", layers=3, steps=6, batch_size=4, seq_len=16, warmup=2,
+                   checkpoint_every=2)
+
+
+def _weights(d):
+    m = AutoModelForCausalLM.from_pretrained(d)
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("train") / "m"
+    summary = train(FAST, out, progress=False)
+    return out, summary
+
+
+def test_output_loads_with_auto_classes_and_tokenizer_round_trips(trained):
+    out, summary = trained
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == "deepseek_v2" and model.config.vocab_size == len(synthetic.VOCAB)
+    text = "some happy kings climb hills . 4 7 + 1 2 = 5 9 ;"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == synthetic.BOS_ID and synthetic.UNK_ID not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    meta = json.loads((out / "alloc_moe_train.json").read_text())
+    assert meta["config"]["steps"] == 6 and len(meta["routing"]) == 2  # 3 layers, the first dense
+    for r in meta["routing"]:
+        assert 0 < r["top1_prob"] <= 1 and 0 <= r["norm_entropy"] <= 1
+    assert set(meta["heldout_loss"]) == set(synthetic.FAMILIES)
+    assert not out.with_name(out.name + ".ckpt.pt").exists()  # the checkpoint is removed once the model is written
+
+
+def test_same_seed_same_weights_other_seed_differs(trained, tmp_path):
+    out, _ = trained
+    train(FAST, tmp_path / "again", progress=False)
+    a, b = _weights(out), _weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(TrainConfig(**{**FAST.__dict__, "seed": 1}), tmp_path / "other", progress=False)
+    c = _weights(tmp_path / "other")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_kill_is_identical_to_one_run(trained, tmp_path):
+    out, _ = trained
+    dst = tmp_path / "m"
+    assert train(FAST, dst, progress=False, stop_after=3) is None  # "killed" after step 3, checkpoint on disk
+    ckpt = dst.with_name("m.ckpt.pt")
+    assert ckpt.exists() and not dst.exists()
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    train(FAST, dst, progress=False)  # resumes at step 3
+    a, b = _weights(out), _weights(dst)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    dst = tmp_path / "m"
+    train(FAST, dst, progress=False, stop_after=2)
+    with pytest.raises(AllocMoeError, match="other training settings"):
+        train(TrainConfig(**{**FAST.__dict__, "lr": 1e-4}), dst, progress=False)
+
+
+def test_router_losses_hand_computed():
+    # two tokens, two experts, k=1: both tokens pick expert 0 -> f = [1, 0]; P = mean probs
+    logits = torch.log(torch.tensor([[0.75, 0.25], [0.75, 0.25]]))
+    aux, z = router_losses([logits], k=1)
+    assert aux.item() == pytest.approx(2 * (1.0 * 0.75 + 0.0 * 0.25))
+    assert z.item() == pytest.approx(0.0, abs=1e-6)  # logsumexp of log-probabilities is 0
+    balanced = torch.log(torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    assert router_losses([balanced], k=1)[0].item() == pytest.approx(1.0)  # the minimum, perfectly balanced
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--lr", "-1"], "lr must be"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, msg):
+    assert main(["train", "--out", str(tmp_path / "m"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_output_needs_overwrite(trained, capsys):
+    out, _ = trained
+    assert main(["train", "--out", str(out), "--steps", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
