@@ -1,0 +1,47 @@
+"""Task suites for `alloc-moe eval`: a registry from suite name to the lm-eval tasks it runs and how they score.
+
+- `embedded`: the synthetic suite (`tasks/embedded.py`), generated locally and loaded by lm-eval offline;
+- `paper`: the paper's 20 datasets in its three groups (`tasks/paper.py`), resolved in lm-eval's registry (hub data).
+
+A group score is the unweighted mean of its tasks' scores, with standard error sqrt(sum se_i^2) / n
+(the tasks are scored on disjoint items), as the paper reports "the average performance within each task group".
+"""
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str  # lm-eval task, group or tag name
+    group: str  # the paper's group: NLU, Reasoning or Math
+    metric: str  # lm-eval metric name: acc, exact_match, ...
+    filter: str | None = None  # lm-eval filter name in the result key "metric,filter"; None: the first one reported
+    num_fewshot: int | None = None  # None: the task's own default
+    kind: str = "task"  # task | group | tag (a tag's score is the mean of its member tasks)
+    chance: float | None = None  # expected score of random guessing (embedded tasks), in points
+
+
+GROUPS = ("NLU", "Reasoning", "Math")
+
+
+def suite(name: str) -> list[TaskSpec]:
+    from . import embedded, paper
+
+    suites = {"embedded": embedded.SUITE, "paper": paper.SUITE}
+    return suites[name]
+
+
+SUITE_NAMES = ("embedded", "paper")
+
+
+def group_scores(rows: list[dict]) -> list[dict]:
+    """Per group: mean of the task values and its standard error sqrt(sum se^2)/n (rows have group, value, stderr)."""
+    out = []
+    for g in sorted({r["group"] for r in rows}, key=lambda g: (GROUPS.index(g) if g in GROUPS else 99, g)):
+        rs = [r for r in rows if r["group"] == g]
+        value = sum(r["value"] for r in rs) / len(rs)
+        ses = [r["stderr"] for r in rs]
+        se = math.sqrt(sum(s * s for s in ses)) / len(rs) if all(s is not None and math.isfinite(s) for s in ses) else float("nan")
+        out.append({"group": g, "value": value, "stderr": se, "n_tasks": len(rs)})
+    return out

@@ -1,0 +1,140 @@
+"""`alloc-moe eval`: agreement with lm-eval called directly, plans change scores and computed pairs, byte-stable
+output, the summary table, bad input."""
+
+import json
+
+import pytest
+import torch
+
+import alloc_moe.hf_backend
+from alloc_moe import zoo
+from alloc_moe.accuracy import ROW_COLUMNS, evaluate, resolve_tasks
+from alloc_moe.cli import main
+from alloc_moe.plan import build_plan
+from alloc_moe.tasks import embedded
+
+N = 40  # items per task
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("acc")
+    model = zoo.write_model(d / "model", arch="deepseek_v2", layers=3, router_std=1.0, seed=0)
+    with torch.no_grad():  # random experts (std 0.02) barely move the residual stream: make them matter
+        for m in alloc_moe.hf_backend.moe_layers(model):
+            for p in m.experts.parameters():
+                p.mul_(40.0)
+    model.save_pretrained(d / "model")
+    embedded.write_suite(d / "tasks", items={t: N for t in embedded.ITEMS})
+    model = zoo.make_model("deepseek_v2", layers=3, router_std=1.0, seed=0)
+    layers = zoo.moe_layer_indices(model)
+    k = zoo.k_orig(model)
+    tight = build_plan(method="uniform", budget=len(layers), moe_layers=layers, k_orig=k, model="m")
+    tight.save(d / "tight.json")
+    alloct = build_plan(method="uniform", budget=len(layers) * 1.5, moe_layers=layers, k_orig=k, model="m",
+                        token_allocation="alloc-t", k_base=1)
+    alloct.save(d / "alloct.json")
+    return d
+
+
+def _eval(d, *extra):
+    return main(["eval", "--model", str(d / "model"), "--tasks", "embedded", "--include-path", str(d / "tasks"),
+                 "--batch-size", "16", *extra])
+
+
+def test_eval_matches_lm_eval_called_directly(setup):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import alloc_moe
+
+    d = setup
+    tasks = resolve_tasks(str(d / "tasks" / "emb_yesno.yaml"))
+    tasks += resolve_tasks(str(d / "tasks" / "emb_arith_gen.yaml"))
+    ours = evaluate(str(d / "model"), [None, alloc_moe.Plan.load(d / "alloct.json")], tasks, batch_size=16)
+    model = AutoModelForCausalLM.from_pretrained(d / "model").eval()
+    tok = AutoTokenizer.from_pretrained(d / "model")
+    for res, plan in zip(ours, [None, d / "alloct.json"]):
+        with alloc_moe.apply(model, plan):
+            direct = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=16, add_bos_token=True),
+                                             tasks=[t for _, t in tasks], log_samples=False, verbosity="ERROR")
+        got = {r["task"]: r["value"] for r in res["rows"]}
+        assert got["emb_yesno"] == pytest.approx(100 * direct["results"]["emb_yesno"]["acc,none"])
+        assert got["emb_arith_gen"] == pytest.approx(100 * direct["results"]["emb_arith_gen"]["exact_match,first-number"])
+
+
+def test_tight_plan_changes_scores_and_computed_pairs(setup, tmp_path):
+    d = setup
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"family": "x", "text": "4 7 + 1 2 = 5 9 ; the cats eat bread ."}) + "\n"
+                            for _ in range(4)))
+    outs = [tmp_path / "orig.json", tmp_path / "tight.json"]
+    assert _eval(d, "--plan", "original", "--out", str(outs[0]), "--plan", str(d / "tight.json"), "--out",
+                 str(outs[1]), "--perplexity", str(text)) == 0
+    orig, tight = (json.loads(p.read_text()) for p in outs)
+    assert [list(r) for r in orig["rows"]] == [ROW_COLUMNS] * len(orig["rows"])
+    assert orig["rows"][0]["layer_method"] == "original" and orig["rows"][0]["budget"] == 2 * 2  # 2 MoE layers x top-2
+    assert tight["rows"][0]["layer_method"] == "uniform" and tight["rows"][0]["budget"] == 2
+    assert [r["value"] for r in orig["rows"]] != [r["value"] for r in tight["rows"]]
+    # pairs counted at the experts: top-1 computes half the pairs of top-2, on the tasks and on the text
+    assert tight["activations_per_token"] == pytest.approx(orig["activations_per_token"] / 2)
+    assert orig["perplexity"]["activations_per_token"] == 4 and tight["perplexity"]["activations_per_token"] == 2
+    assert tight["perplexity"]["ppl"] != orig["perplexity"]["ppl"]
+    assert {g["group"] for g in orig["groups"]} == {"NLU", "Reasoning", "Math"}
+
+
+def test_output_is_byte_stable(setup, tmp_path):
+    d = setup
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for p in (a, b):
+        assert _eval(d, "--plan", str(d / "alloct.json"), "--out", str(p), "--limit", "10") == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert "date" not in a.read_text() and "time" not in json.loads(a.read_text())
+
+
+def test_summary_table_and_group_scores(setup, tmp_path):
+    from alloc_moe.summary import accuracy_table, group_table
+
+    d = setup
+    out = tmp_path / "o.json"
+    assert _eval(d, "--out", str(out), "--limit", "10") == 0
+    df = accuracy_table([out])
+    assert list(df.columns) == ROW_COLUMNS and len(df) == len(embedded.ITEMS)
+    g = group_table(df, k_base=1)
+    nlu = df[df.group == "NLU"]
+    row = g[g.group == "NLU"].iloc[0]
+    assert row.method == "Original" and row.value == pytest.approx(nlu.value.mean())
+    assert row.stderr == pytest.approx((nlu.stderr ** 2).sum() ** 0.5 / 3)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--tasks", "no_such_task_xyz"], "unknown task(s) no_such_task_xyz"),
+    (["--tasks", "/nonexistent/tasks.yaml"], "task path /nonexistent/tasks.yaml not found"),
+    (["--tasks", "embedded", "--backend", "tpu"], "unknown backend 'tpu'"),
+    (["--tasks", "embedded", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--tasks", "embedded", "--plan", "a.json", "--plan", "b.json"], "give one --out per --plan"),
+])
+def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, args, msg):
+    d = setup
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(d / "model"), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_plan_for_another_model_fails_before_loading(setup, tmp_path, capsys):
+    d = setup
+    other = build_plan(method="uniform", budget=10, moe_layers=list(range(1, 6)), k_orig=2, model="other")
+    other.save(tmp_path / "other.json")
+    assert _eval(d, "--plan", str(tmp_path / "other.json"), "--out", str(tmp_path / "r.json")) == 2
+    assert "plan is for MoE layers 1..5 (5 layers)" in capsys.readouterr().err
+
+
+def test_missing_local_data_file(setup, tmp_path, capsys):
+    d = setup
+    (tmp_path / "t.yaml").write_text((d / "tasks" / "emb_yesno.yaml").read_text())
+    assert main(["eval", "--model", str(d / "model"), "--tasks", str(tmp_path / "t.yaml"), "--out",
+                 str(tmp_path / "r.json")]) == 2
+    assert "data file" in capsys.readouterr().err
