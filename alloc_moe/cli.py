@@ -34,6 +34,8 @@ def _cmd_plan(args) -> int:
     from .sensitivity import read_sensitivity
 
     provenance = {"package_version": __version__, "command": shlex.join(["alloc-moe", *args.argv])}
+    if args.calibration:
+        provenance["calibration"] = args.calibration
     S = None
     if args.sensitivity:
         layers, S = read_sensitivity(args.sensitivity)
@@ -107,6 +109,8 @@ def _register_core(sub) -> None:
     p.add_argument("--moe-layers", type=_parse_layers, help="decoder indices of the MoE layers, e.g. 1-26 (data-free methods)")
     p.add_argument("--k-orig", type=int, help="the model's original top-k (data-free methods)")
     p.add_argument("--model", default="unspecified", help="model id or path recorded in the plan")
+    p.add_argument("--calibration", default=None,
+                   help="label of the calibration data the sensitivity / routing scores came from (recorded in the plan)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     p.set_defaults(func=_cmd_plan)
 
@@ -131,7 +135,7 @@ def _command_modules():
     """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("zoo", "synthetic", "profiling", "evaluate"):
+    for name in ("zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:

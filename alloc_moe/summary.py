@@ -1,4 +1,4 @@
-"""Tidy result tables from the per-run JSON files of `alloc-moe ppl`."""
+"""Tidy result tables (accuracy, perplexity) and the paper's Tables 2-4 from the JSON files of `alloc-moe eval`."""
 
 import json
 from pathlib import Path
@@ -7,38 +7,130 @@ import pandas as pd
 
 from .io import atomic_path
 
-COLUMNS = ["method", "layer_method", "token_allocation", "budget", "family", "ppl", "ppl_change_pct",
-           "n_tokens", "activations_per_token", "computed_pairs"]
-
-
-def perplexity_table(original: str | Path, plans: list[str | Path]) -> pd.DataFrame:
-    """One row per (method, budget, family); family 'all' is the whole evaluation text.
-
-    `ppl_change_pct` is relative to the original model on the same family; `activations_per_token` is the realised
-    global budget (expert pairs computed per token, summed over MoE layers).
-    """
-    base = json.loads(Path(original).read_text())
-    base_ppl = {"all": base["ppl"], **{f: v["ppl"] for f, v in base["per_family"].items()}}
-    rows = []
-    for run in [base] + [json.loads(Path(p).read_text()) for p in plans]:
-        if run.get("plan"):
-            plan = json.loads(Path(run["plan"]).read_text())
-            layer, token, budget = plan["layer_method"], plan["token_allocation"], plan["budget"]
-            method = f"{layer}+{token}"
-        else:
-            layer, token, budget, method = "original", "topk", run["activations_per_token"], "original"
-        fams = {"all": (run["ppl"], run["n_tokens"]), **{f: (v["ppl"], v["n_tokens"]) for f, v in run["per_family"].items()}}
-        for fam, (ppl, n) in fams.items():
-            rows.append({
-                "method": method, "layer_method": layer, "token_allocation": token, "budget": float(budget),
-                "family": fam, "ppl": ppl, "ppl_change_pct": 100.0 * (ppl / base_ppl[fam] - 1.0), "n_tokens": n,
-                "activations_per_token": run["activations_per_token"], "computed_pairs": run["computed_pairs"],
-            })
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.sort_values(["family", "budget", "method"], kind="stable").reset_index(drop=True)
-
-
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     """Byte-stable CSV: fixed float format, no index, written atomically."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6f", lineterminator="\n")
+
+
+# ---- accuracy (rows from `alloc-moe eval` JSON files) ----------------------------------------------------------
+ACCURACY_COLUMNS = ["model", "layer_method", "token_allocation", "k_base", "budget", "calibration", "backend", "task",
+                    "group", "metric", "value", "stderr", "seed"]
+KEY_COLUMNS = ["model", "layer_method", "token_allocation", "k_base", "budget", "calibration", "backend", "task",
+               "seed"]
+
+
+def accuracy_table(evals: list[str | Path]) -> pd.DataFrame:
+    """All rows of the eval JSONs, sorted on the key columns (byte-stable CSV)."""
+    rows = [r for p in evals for r in json.loads(Path(p).read_text())["rows"]]
+    df = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+    df["k_base"] = df["k_base"].astype("string")
+    return df.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+def eval_perplexity_table(evals: list[str | Path]) -> pd.DataFrame:
+    """Perplexity per family (and 'all') recorded by `alloc-moe eval --perplexity`, with the change vs original."""
+    rows = []
+    for p in evals:
+        d = json.loads(Path(p).read_text())
+        if "perplexity" not in d:
+            continue
+        head = d["rows"][0]
+        ppl = d["perplexity"]
+        fams = {"all": (ppl["ppl"], ppl["n_tokens"]), **{f: (v["ppl"], v["n_tokens"]) for f, v in ppl["per_family"].items()}}
+        for fam, (value, n) in fams.items():
+            rows.append({**{k: head[k] for k in ("model", "layer_method", "token_allocation", "k_base", "budget",
+                                                 "calibration", "seed")},
+                         "family": fam, "ppl": value, "n_tokens": n,
+                         "activations_per_token": ppl["activations_per_token"]})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["k_base"] = df["k_base"].astype("string")
+    df.insert(1, "method", [METHOD_NAMES.get((a, b), f"{a}+{b}") for a, b in zip(df.layer_method, df.token_allocation)])
+    base = df[df.layer_method == "original"].set_index(["model", "seed", "family"])["ppl"]
+    df["ppl_change_pct"] = [100.0 * (r.ppl / base[(r.model, r.seed, r.family)] - 1.0) for r in df.itertuples()]
+    keys = ["model", "layer_method", "token_allocation", "k_base", "budget", "calibration", "seed", "family"]
+    return df.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+# Display names of the paper's methods: (layer_method, token_allocation) -> name
+METHOD_NAMES = {
+    ("original", "topk"): "Original", ("uniform", "topk"): "Uniform", ("ascending", "topk"): "Ascending",
+    ("descending", "topk"): "Descending", ("lexi", "topk"): "LExI", ("alloc-l", "topk"): "Alloc-L",
+    ("uniform", "alloc-t"): "Alloc-T", ("uniform", "top-p"): "Dynamic-MoE", ("uniform", "naee"): "NAEE",
+    ("alloc-l", "alloc-t"): "Alloc-MoE",
+}
+# paper figure / table -> the methods it compares (names above)
+COMPARISONS = {
+    "fig3": ["Uniform", "LExI", "Dynamic-MoE", "NAEE", "Alloc-MoE"],
+    "fig4": ["Uniform", "Ascending", "Descending", "LExI", "Alloc-L"],
+    "fig6": ["Uniform", "Dynamic-MoE", "NAEE", "Alloc-T"],
+    "table4": {"Uniform": "Uniform", "+L": "Alloc-L", "+T": "Alloc-T", "+L+T": "Alloc-MoE"},
+}
+
+
+def group_table(acc: pd.DataFrame, *, k_base: int = 1, calibration: str | None = None) -> pd.DataFrame:
+    """Group scores (mean of the group's tasks, SE sqrt(sum se^2)/n) per method, budget and seed; one method per
+    (layer, token) at the default k_base and calibration set (what Figs. 3/4/6 and Table 4 compare)."""
+    df = acc.copy()
+    kb = df["k_base"].fillna("")
+    df = df[(df.token_allocation != "alloc-t") | (kb == str(k_base))]
+    if calibration is not None:
+        df = df[df.calibration.isin(["", "none", calibration])]
+    df = df.assign(method=[METHOD_NAMES.get((a, b), f"{a}+{b}") for a, b in zip(df.layer_method, df.token_allocation)])
+    return combine(df, ["model", "method", "budget", "seed", "group"])
+
+
+def combine(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean `value` over the rows of each `by` group with SE sqrt(sum se^2) / n (independent estimates): a group
+    score from its tasks, the paper's 'averaged across three task groups', or a mean over training seeds."""
+    import math
+
+    return (df.groupby(by, sort=True)
+              .agg(value=("value", "mean"), stderr=("stderr", lambda s: math.sqrt((s ** 2).sum()) / len(s)))
+              .reset_index())
+
+
+def _markdown(rows: pd.DataFrame, label: str, order: list, budgets: list[float], title: str) -> str:
+    """rows: columns [label, budget, value, stderr] (seed-averaged); one line per label, a column per budget + Avg."""
+    head = f"| {label} | " + " | ".join(f"B={b:g}" for b in budgets) + " | Avg. |"
+    lines = [f"**{title}**", "", head, "|---" * (len(budgets) + 2) + "|"]
+    for name in order:
+        r = rows[rows[label] == name].set_index("budget")
+        cells = [f"{r.loc[b, 'value']:.2f} ± {r.loc[b, 'stderr']:.2f}" if b in r.index else "n/a" for b in budgets]
+        avg = f"{r['value'].mean():.2f}" if len(r) == len(budgets) else "n/a"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_tables(acc: pd.DataFrame, *, k_base: int, calibration: str, k_base_sweep: list[int] | None = None) -> dict[str, str]:
+    """Markdown for the paper's Tables 2 (K_base under Uniform), 3 (calibration set, Alloc-L), 4 (ablation).
+    `k_base_sweep` lists Table 2's rows (a K_base no budget can meet shows as n/a); default: those evaluated."""
+    out = {}
+    for model in sorted(acc.model.unique()):
+        a = acc[acc.model == model]
+        budgets = sorted(a[a.layer_method != "original"].budget.unique())
+        # Table 2: uniform x alloc-t at each K_base
+        t2 = a[(a.layer_method == "uniform") & (a.token_allocation == "alloc-t")]
+        g2 = combine(combine(combine(t2, ["k_base", "budget", "seed", "group"]), ["k_base", "budget", "seed"]),
+                     ["k_base", "budget"])
+        kbs = [str(k) for k in k_base_sweep] if k_base_sweep else sorted(g2.k_base.unique(), key=int)
+        out[f"table2_{model}"] = _markdown(g2, "k_base", kbs, budgets,
+                                           f"Table 2 ({model}): K_base in Alloc-T under Uniform; mean of the 3 group "
+                                           "scores ± SE; n/a: K_base > B/L")
+        # Table 3: alloc-l x topk per calibration set
+        t3 = a[(a.layer_method == "alloc-l") & (a.token_allocation == "topk")]
+        g3 = combine(combine(combine(t3, ["calibration", "budget", "seed", "group"]), ["calibration", "budget", "seed"]),
+                     ["calibration", "budget"])
+        out[f"table3_{model}"] = _markdown(g3, "calibration", sorted(g3.calibration.unique()), budgets,
+                                           f"Table 3 ({model}): calibration set of Alloc-L's sensitivity profile")
+        # Table 4: Uniform / +L / +T / +L+T
+        g = group_table(a, k_base=k_base, calibration=calibration)
+        g4 = combine(combine(g, ["method", "budget", "seed"]), ["method", "budget"])
+        names = COMPARISONS["table4"]
+        g4 = g4[g4.method.isin(names.values())].assign(method=lambda d: d.method.map({v: k for k, v in names.items()}))
+        out[f"table4_{model}"] = _markdown(g4, "method", list(names), budgets,
+                                           f"Table 4 ({model}): ablation of Alloc-L (+L) and Alloc-T (+T)")
+    return out
+

@@ -138,3 +138,25 @@ def test_missing_local_data_file(setup, tmp_path, capsys):
     assert main(["eval", "--model", str(d / "model"), "--tasks", str(tmp_path / "t.yaml"), "--out",
                  str(tmp_path / "r.json")]) == 2
     assert "data file" in capsys.readouterr().err
+
+
+def test_embedded_tasks_load_offline_and_a_trained_model_beats_chance(tmp_path, monkeypatch):
+    """A tiny model trained for 150 steps (seconds) already scores above chance in every group, offline."""
+    from alloc_moe.train import TrainConfig, train
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = TrainConfig(width="tiny", layers=3, steps=150, batch_size=16, seq_len=32)
+    train(cfg, tmp_path / "m", progress=False)
+    embedded.write_suite(tmp_path / "tasks", items={t: 200 for t in embedded.ITEMS})
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", "embedded", "--include-path",
+                 str(tmp_path / "tasks"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    chance = {}
+    for r in res["rows"]:
+        chance.setdefault(r["group"], []).append(res["chance"].get(r["task"], 0.0))
+    margin = {"NLU": 20.0, "Reasoning": 5.0, "Math": 2.0}
+    for g in res["groups"]:
+        base = sum(chance[g["group"]]) / len(chance[g["group"]])
+        assert g["value"] >= base + margin[g["group"]], (g, base)

@@ -14,17 +14,20 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TINY = """
 models:
   tiny:
-    make: {arch: olmoe, layers: 3, router_std: 1.0, seed: 0}
+    make: {arch: olmoe, layers: 3, router_std: 1.0}
     budgets: [4, 5]
-corpus: {calibration_seed: 1, evaluation_seed: 2, docs_per_family: 8}
+calibration: {default: balanced, sets: [balanced, language], docs_per_family: 4}
+evaluation: {docs_per_family: 2, seq_len: 32}
 profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
-evaluation: {seq_len: 32, max_tokens: 512, batch_size: 4}
+accuracy: {batch_size: 32, limit: 8}
 methods:
   - {layer: uniform, token: topk}
   - {layer: alloc-l, token: alloc-t}
   - {layer: lexi, token: topk}
+  - {layer: uniform, token: top-p}
+k_base_sweep: [0, 1, 2]
+calibration_sweep: true
 exact_budget: true
-threads: 1
 """
 
 
@@ -45,19 +48,38 @@ def run(tmp_path_factory):
     return work
 
 
-def test_workflow_writes_tidy_table_and_figure(run):
-    df = pd.read_csv(run / "results/tiny/summary/perplexity.csv")
-    overall = df[df.family == "all"]
-    assert set(overall.method) == {"original", "uniform+topk", "alloc-l+alloc-t", "lexi+topk"}
-    assert set(df.family) == {"all", "language", "patterns", "arithmetic"}
-    plans = overall[overall.method != "original"]
-    assert sorted(plans.budget.unique()) == [4.0, 5.0]
-    # the realised budget is the planned one: computed pairs per token summed over the 3 MoE layers
-    assert (plans.activations_per_token == plans.budget).all()
-    orig = overall[overall.method == "original"].iloc[0]
-    assert orig.activations_per_token == 6  # 3 layers x top-2
-    assert (run / "results/tiny/figures/perplexity_vs_budget.png").stat().st_size > 10_000
-    assert (run / "results/tiny/logs/profile_ppl.log").exists()
+def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
+    from alloc_moe.accuracy import ROW_COLUMNS
+    from alloc_moe.tasks.embedded import ITEMS
+
+    acc = pd.read_csv(run / "results/summary/accuracy.csv", dtype={"k_base": "string"}, keep_default_na=False)
+    assert list(acc.columns) == ROW_COLUMNS
+    methods = set(zip(acc.layer_method, acc.token_allocation, acc.k_base, acc.calibration))
+    assert methods == {
+        ("original", "topk", "", ""),
+        ("uniform", "topk", "", "none"), ("lexi", "topk", "", "none"), ("uniform", "top-p", "", "balanced"),
+        ("alloc-l", "alloc-t", "1", "balanced"),
+        ("alloc-l", "topk", "", "balanced"), ("alloc-l", "topk", "", "language"),  # Table 3: calibration sets
+        ("uniform", "alloc-t", "0", "none"), ("uniform", "alloc-t", "1", "none"),  # Table 2: K_base 0, 1
+    }  # K_base 2 needs B >= 2 x 3 MoE layers: n/a at B = 4 and 5 (the table says so)
+    assert "| 2 | n/a | n/a |" in (run / "results/summary/tables/table2_tiny.md").read_text()
+    assert len(acc[acc.layer_method == "original"]) == len(ITEMS)
+    assert (acc.model == "tiny").all() and (acc.seed == 0).all() and set(acc.group) == {"NLU", "Reasoning", "Math"}
+    ppl = pd.read_csv(run / "results/summary/perplexity.csv", dtype={"k_base": "string"}, keep_default_na=False)
+    overall = ppl[ppl.family == "all"]
+    plans = overall[overall.layer_method != "original"]
+    # the realised budget is the planned one for top-k: computed pairs per token summed over the 3 MoE layers
+    topk = plans[plans.token_allocation == "topk"]
+    assert (topk.activations_per_token <= topk.budget + 1e-9).all()
+    assert overall[overall.layer_method == "original"].activations_per_token.iloc[0] == 6  # 3 layers x top-2
+    assert set(ppl.family) == {"all", "language", "patterns", "arithmetic"}
+    for fig in ("fig3", "fig4", "fig6"):
+        assert (run / f"results/summary/figures/{fig}_tiny.png").stat().st_size > 10_000
+    for t in ("table2", "table3", "table4"):
+        text = (run / f"results/summary/tables/{t}_tiny.md").read_text()
+        assert "B=4" in text and "B=5" in text
+    assert "| balanced |" in (run / "results/summary/tables/table3_tiny.md").read_text()
+    assert (run / "results/tiny-s0/logs/profile_ppl_balanced.log").exists()
 
 
 def test_workflow_is_up_to_date_after_a_run(run):
@@ -71,7 +93,8 @@ def test_workflow_outputs_are_deterministic(run, tmp_path):
     shutil.copytree(run / "config", tmp_path / "config")
     res = _snakemake(tmp_path, "--cores", "2", "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
-    for rel in ["results/tiny/summary/perplexity.csv", "results/tiny/sensitivity/ppl.csv", "results/tiny/sensitivity/lexi.csv"]:
+    for rel in ["results/summary/accuracy.csv", "results/summary/perplexity.csv",
+                "results/tiny-s0/sensitivity/ppl_balanced.csv", "results/tiny-s0/sensitivity/lexi.csv"]:
         assert (tmp_path / rel).read_bytes() == (run / rel).read_bytes(), rel
 
 
@@ -87,7 +110,7 @@ def test_invalid_config_is_rejected_before_any_job(tmp_path):
 def test_results_record_versions_commit_and_hardware(run):
     import json
 
-    env = json.loads((run / "results/tiny/summary/environment.json").read_text())
+    env = json.loads((run / "results/summary/environment.json").read_text())
     assert {"alloc_moe", "git_commit", "torch", "transformers", "platform", "cpu"} <= set(env)
-    run_json = json.loads((run / "results/tiny/eval/original.json").read_text())
+    run_json = json.loads((run / "results/tiny-s0/eval/original.json").read_text())
     assert run_json["environment"]["torch"] == env["torch"]

@@ -1,15 +1,41 @@
-rule corpus:
+rule calibration_set:
     output:
-        "results/corpus/{split}.jsonl",
+        "results/data/calib_{name}.jsonl",
     wildcard_constraints:
-        split="calibration|evaluation",
+        name="balanced|language|structured",
     params:
-        seed=lambda wc: CORPUS.get(f"{wc.split}_seed", 1 if wc.split == "calibration" else 2),
-        docs=CORPUS.get("docs_per_family", 60),
+        docs=CAL.get("docs_per_family", 40),
         pkg=PKG,
     log:
-        "results/logs/corpus_{split}.log",
+        "results/logs/calib_{name}.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe make-corpus --seed {params.seed} --docs-per-family {params.docs} --out {output} > {log} 2>&1"
+        "alloc-moe make-corpus --calibration-set {wildcards.name} --docs-per-family {params.docs} --out {output} > {log} 2>&1"
+
+
+rule heldout_text:
+    output:
+        "results/data/heldout.jsonl",
+    params:
+        docs=EVAL.get("docs_per_family", 20),
+        pkg=PKG,
+    log:
+        "results/logs/heldout_text.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    shell:
+        "alloc-moe make-corpus --seed 7 --split heldout --docs-per-family {params.docs} --out {output} > {log} 2>&1"
+
+
+rule embedded_tasks:
+    output:
+        directory("results/tasks/embedded"),
+    params:
+        pkg=PKG,
+    log:
+        "results/logs/embedded_tasks.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    shell:
+        "alloc-moe make-tasks --out {output} > {log} 2>&1"

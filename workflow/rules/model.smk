@@ -1,19 +1,46 @@
+def _train_args(wildcards):
+    spec = spec_of(wildcards.run)["train"]
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spec.items())
+
+
+rule train:
+    output:
+        directory("results/{run}/model"),
+    wildcard_constraints:
+        run="|".join(re.escape(r) for r in RUNS if "train" in spec_of(r)) or "NO_TRAINED_MODEL",
+    params:
+        args=_train_args,
+        seed=lambda wc: RUNS[wc.run][1],
+        pkg=PKG,
+    threads: workflow.cores
+    log:
+        "results/{run}/logs/train.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    shell:
+        "alloc-moe train {params.args} --seed {params.seed} --threads {threads} --no-progress --overwrite "
+        "--out {output} > {log} 2>&1"
+
+
 def _make_args(wildcards):
-    spec = config["models"][wildcards.model]["make"]
+    spec = spec_of(wildcards.run)["make"]
     flags = {"arch": "--arch", "topology": "--topology", "layers": "--layers", "width": "--width",
-             "router_std": "--router-std", "seed": "--seed"}
+             "router_std": "--router-std"}
     return " ".join(f"{flags[k]} {v}" for k, v in spec.items())
 
 
 rule make_model:
     output:
-        directory("results/{model}/model"),
+        directory("results/{run}/model"),
+    wildcard_constraints:
+        run="|".join(re.escape(r) for r in RUNS if "make" in spec_of(r)) or "NO_ZOO_MODEL",
     params:
         args=_make_args,
+        seed=lambda wc: RUNS[wc.run][1],
         pkg=PKG,
     log:
-        "results/{model}/logs/make_model.log",
+        "results/{run}/logs/make_model.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe make-model {params.args} --overwrite --out {output} > {log} 2>&1"
+        "alloc-moe make-model {params.args} --seed {params.seed} --overwrite --out {output} > {log} 2>&1"

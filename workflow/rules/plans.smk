@@ -1,29 +1,35 @@
-def _sensitivity(wildcards):
-    # only alloc-l needs Algorithm 1; the data-free methods read layers and K_orig from the cheap LExI profile
-    name = "ppl" if wildcards.layer == "alloc-l" else "lexi"
-    return f"results/{wildcards.model}/sensitivity/{name}.csv"
+def _plan_inputs(wc):
+    # alloc-l needs Algorithm 1 on its calibration set; the data-free methods read layers and K_orig from LExI's
+    # cheap profile; top-p / naee calibrate their thresholds on recorded routing scores
+    ins = {"sensitivity": f"results/{wc.run}/sensitivity/"
+                          + (f"ppl_{wc.calib}.csv" if wc.layer == "alloc-l" else "lexi.csv")}
+    if wc.token in ("top-p", "naee"):
+        ins["routing"] = f"results/{wc.run}/routing/{wc.calib}.pt"
+    return ins
 
 
 rule plan:
     input:
-        _sensitivity,
+        unpack(_plan_inputs),
     output:
-        "results/{model}/plans/{layer}__{token}__B{budget}.json",
+        "results/{run}/plans/{layer}__{token}__kb{kb}__{calib}__B{budget}.json",
     wildcard_constraints:
         layer="alloc-l|uniform|ascending|descending|lexi",
-        token="topk|alloc-t",
+        token="topk|alloc-t|top-p|naee",
+        kb=r"[0-9]+",
         budget=r"[0-9.]+",
     params:
-        k_base=config.get("k_base", 1),
+        routing=lambda wc, input: f"--routing-scores {input.routing}" if "routing" in input.keys() else "",
         normalization=config.get("normalization", "relative"),
         model=model_dir,
         exact="--exact-budget" if config.get("exact_budget", False) else "",
         pkg=PKG,
     log:
-        "results/{model}/logs/plan_{layer}__{token}__B{budget}.log",
+        "results/{run}/logs/plan_{layer}__{token}__kb{kb}__{calib}__B{budget}.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe plan --sensitivity {input} --method {wildcards.layer} --token-allocation {wildcards.token} "
-        "--budget {wildcards.budget} --k-base {params.k_base} --normalization {params.normalization} "
-        "{params.exact} --model {params.model} --out {output} > {log} 2>&1"
+        "alloc-moe plan --sensitivity {input.sensitivity} {params.routing} --method {wildcards.layer} "
+        "--token-allocation {wildcards.token} --budget {wildcards.budget} --k-base {wildcards.kb} "
+        "--normalization {params.normalization} {params.exact} --model {params.model} --calibration {wildcards.calib} "
+        "--out {output} > {log} 2>&1"

@@ -1,21 +1,19 @@
 rule profile_ppl:
     input:
         model_input,
-        corpus_input("calibration"),
+        lambda wc: calib_input(wc.calib),
     output:
-        "results/{model}/sensitivity/ppl.csv",
+        "results/{run}/sensitivity/ppl_{calib}.csv",
     params:
         model=model_dir,
-        calib=corpus_file("calibration"),
-        seq_len=config["profile"].get("seq_len", 128),
-        max_tokens=config["profile"].get("max_tokens", 8192),
-        batch_size=config["profile"].get("batch_size", 8),
+        calib=lambda wc: calib_file(wc.calib),
+        seq_len=PROFILE.get("seq_len", 64),
+        max_tokens=PROFILE.get("max_tokens", 8192),
+        batch_size=PROFILE.get("batch_size", 16),
         pkg=PKG,
-    threads: THREADS
-    resources:
-        gpu=0,
+    threads: 1
     log:
-        "results/{model}/logs/profile_ppl.log",
+        "results/{run}/logs/profile_ppl_{calib}.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
@@ -28,15 +26,39 @@ rule profile_lexi:
     input:
         model_input,
     output:
-        "results/{model}/sensitivity/lexi.csv",
+        "results/{run}/sensitivity/lexi.csv",
     params:
         model=model_dir,
         pkg=PKG,
-    threads: THREADS
+    threads: 1
     log:
-        "results/{model}/logs/profile_lexi.log",
+        "results/{run}/logs/profile_lexi.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe profile --method lexi --model {params.model} --threads {threads} --no-progress "
+        "--out {output} > {log} 2>&1"
+
+
+rule routing_scores:
+    input:
+        model_input,
+        lambda wc: calib_input(wc.calib),
+    output:
+        "results/{run}/routing/{calib}.pt",
+    params:
+        model=model_dir,
+        calib=lambda wc: calib_file(wc.calib),
+        seq_len=PROFILE.get("seq_len", 64),
+        max_tokens=PROFILE.get("max_tokens", 8192),
+        batch_size=PROFILE.get("batch_size", 16),
+        pkg=PKG,
+    threads: 1
+    log:
+        "results/{run}/logs/routing_{calib}.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    shell:
+        "alloc-moe routing --model {params.model} --calib {params.calib} --seq-len {params.seq_len} "
+        "--max-tokens {params.max_tokens} --batch-size {params.batch_size} --threads {threads} --no-progress "
         "--out {output} > {log} 2>&1"

@@ -6,4 +6,8 @@ import pandas as pd
 
 from alloc_moe.plots import perplexity_vs_budget
 
-perplexity_vs_budget(pd.read_csv(snakemake.input[0]), snakemake.output[0], title=snakemake.wildcards.model)
+model = snakemake.wildcards.model
+df = pd.read_csv(snakemake.input[0], dtype={"k_base": "string"}, keep_default_na=False)
+df = df[(df.model == model) & ((df.token_allocation != "alloc-t") | (df.k_base == "1"))]
+df = df[df.calibration.isin(["", "none", "balanced"])]
+perplexity_vs_budget(df, snakemake.output[0], title=f"{model}: held-out perplexity per family")
