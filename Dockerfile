@@ -38,7 +38,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin alloc
 COPY --from=cpu-build /opt/venv /opt/venv
 COPY --from=app --chown=alloc:alloc /app /app
 WORKDIR /app
-USER alloc
+USER 10001
 ENTRYPOINT ["snakemake"]
 CMD ["--cores", "all"]
 
@@ -68,6 +68,6 @@ RUN apt-get update \
 COPY --from=gpu-build /opt/venv /opt/venv
 COPY --from=app --chown=alloc:alloc /app /app
 WORKDIR /app
-USER alloc
+USER 10001
 ENTRYPOINT ["snakemake"]
 CMD ["--cores", "all"]
