@@ -30,7 +30,9 @@ COPY pyproject.toml README.md /src/
 RUN mkdir /src/alloc_moe && touch /src/alloc_moe/__init__.py && python3 -m venv /opt/venv \
     && alloc-moe-install /opt/venv/bin/pip /wheels "${TORCH_INDEX}" "torch==2.13.0" "/src[workflow]"
 COPY alloc_moe /src/alloc_moe
-RUN PIP_NO_DEPS=1 PIP_FORCE_REINSTALL=1 alloc-moe-install /opt/venv/bin/pip /wheels "" /src
+# the stub build left /src/build (newer than the real sources): drop it so setuptools copies the real files
+RUN rm -rf /src/build /src/*.egg-info \
+    && PIP_NO_DEPS=1 PIP_FORCE_REINSTALL=1 alloc-moe-install /opt/venv/bin/pip /wheels "" /src
 
 FROM ${CPU_BASE} AS cpu
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg HOME=/home/alloc
@@ -56,7 +58,9 @@ COPY pyproject.toml README.md /src/
 RUN mkdir /src/alloc_moe && touch /src/alloc_moe/__init__.py && python3 -m venv /opt/venv \
     && alloc-moe-install /opt/venv/bin/pip /wheels "" "/src[workflow,vllm]"
 COPY alloc_moe /src/alloc_moe
-RUN PIP_NO_DEPS=1 PIP_FORCE_REINSTALL=1 alloc-moe-install /opt/venv/bin/pip /wheels "" /src
+# the stub build left /src/build (newer than the real sources): drop it so setuptools copies the real files
+RUN rm -rf /src/build /src/*.egg-info \
+    && PIP_NO_DEPS=1 PIP_FORCE_REINSTALL=1 alloc-moe-install /opt/venv/bin/pip /wheels "" /src
 
 FROM ${GPU_BASE} AS gpu
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg HOME=/home/alloc
