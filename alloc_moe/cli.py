@@ -135,7 +135,7 @@ def _command_modules():
     """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy"):
+    for name in ("zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy", "regress"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:

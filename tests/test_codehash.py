@@ -1,0 +1,135 @@
+"""Per-module code hashes: closures found with ast, checked against what Python really imports."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from alloc_moe import AllocMoeError
+from alloc_moe.codehash import PACKAGE_DIR, closure_files, code_hash, module_closure
+
+ROOT = PACKAGE_DIR.parent
+
+
+def test_plotting_closure_excludes_the_hf_backend_and_vice_versa():
+    plots = module_closure(["alloc_moe.plots"])
+    backend = module_closure(["alloc_moe.hf_backend"])
+    assert "alloc_moe.plots" in plots and "alloc_moe.io" in plots
+    assert "alloc_moe.hf_backend" not in plots and "alloc_moe.zoo" not in plots
+    assert "alloc_moe.hf_backend" in backend and "alloc_moe.routing_stats" in backend
+    assert "alloc_moe.plots" not in backend
+    # function-level imports count: evaluation uses the backend only inside its functions
+    assert "alloc_moe.hf_backend" in module_closure(["alloc_moe.evaluate"])
+
+
+@pytest.mark.parametrize("entry", ["alloc_moe.plots", "alloc_moe.hf_backend", "alloc_moe.regress", "alloc_moe.summary"])
+def test_closure_contains_every_module_python_imports(entry):
+    """Independent reference: the modules a fresh interpreter has loaded after `import entry`."""
+    code = f"import sys, json, {entry}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'alloc_moe')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    imported = set(json.loads(out.stdout))
+    assert imported <= set(module_closure([entry]))
+
+
+@pytest.fixture
+def pkg(tmp_path):
+    """A copy of the real package to edit."""
+    shutil.copytree(PACKAGE_DIR, tmp_path / "alloc_moe", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path / "alloc_moe"
+
+
+def test_editing_outside_the_closure_keeps_the_hash_inside_changes_it(pkg):
+    before = code_hash(["alloc_moe.plots"], pkg)
+    assert before == code_hash(["alloc_moe.plots"], PACKAGE_DIR)  # the location does not enter the hash
+    with open(pkg / "hf_backend.py", "a") as f:
+        f.write("\n# an edit of the HF backend\n")
+    assert code_hash(["alloc_moe.plots"], pkg) == before
+    backend_before = code_hash(["alloc_moe.hf_backend"], PACKAGE_DIR)
+    assert code_hash(["alloc_moe.hf_backend"], pkg) != backend_before
+    with open(pkg / "plots.py", "a") as f:
+        f.write("\n# an edit of the plotting code\n")
+    assert code_hash(["alloc_moe.plots"], pkg) != before
+    assert code_hash(["alloc_moe.hf_backend"], pkg) == code_hash(["alloc_moe.hf_backend"], pkg)
+
+
+def test_package_data_named_by_a_module_is_hashed(pkg):
+    assert pkg / "schemas" / "plan.schema.json" in closure_files(["alloc_moe.plan"], pkg)
+    before = code_hash(["alloc_moe.plan"], pkg)
+    schema = pkg / "schemas" / "plan.schema.json"
+    schema.write_text(schema.read_text() + " ")
+    assert code_hash(["alloc_moe.plan"], pkg) != before
+
+
+def _make(tmp_path, files: dict[str, str]) -> Path:
+    root = tmp_path / "alloc_moe"
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+def test_import_forms_on_a_synthetic_package(tmp_path):
+    root = _make(tmp_path, {
+        "__init__.py": """
+            from .base import VERSION
+            def apply():
+                from .heavy import run      # lazy: only code that calls apply() needs heavy
+        """,
+        "base.py": "import io\nVERSION = 1\n",           # the standard library's io, not alloc_moe.io
+        "io.py": "",
+        "heavy.py": "",
+        "tool.py": """
+            from . import __version__ as v, sub
+            from alloc_moe.helpers import used
+            def main():
+                from .lazy import thing
+        """,
+        "sub/__init__.py": "from ..util import x\n",
+        "util.py": "x = 1\n",
+        "helpers.py": """
+            REGISTRY = {"a": registered}
+            def used():
+                return _inner()
+            def _inner():
+                from .inner_dep import y
+            def unused():
+                from .never import z
+            def registered():
+                from .via_registry import w
+        """,
+        "lazy.py": "", "inner_dep.py": "", "never.py": "", "via_registry.py": "",
+    })
+    closure = {m.removeprefix("alloc_moe.").removeprefix("alloc_moe") or "<init>" for m in module_closure(["alloc_moe.tool"], root)}
+    assert closure == {"<init>", "base", "tool", "sub", "util", "helpers", "lazy", "inner_dep", "via_registry"}
+    # `from alloc_moe import apply` uses apply, and apply's lazy import
+    root_user = root / "user.py"
+    root_user.write_text("from alloc_moe import apply\n")
+    assert "alloc_moe.heavy" in module_closure(["alloc_moe.user"], root)
+    assert "alloc_moe.heavy" in module_closure(["alloc_moe"], root)  # the package as an entry: all of it
+
+
+def test_workflow_script_as_entry():
+    script = ROOT / "workflow/scripts/summarize_perplexity.py"
+    closure = module_closure([str(script)])
+    assert {"alloc_moe.summary", "alloc_moe.provenance", "alloc_moe.io"} <= set(closure)
+    assert "alloc_moe.hf_backend" not in closure
+    assert script in closure_files([str(script)])
+
+
+@pytest.mark.parametrize("entry", ["alloc_moe.nope", "plots", "missing_script.py"])
+def test_unknown_entry_is_an_error(entry):
+    with pytest.raises(AllocMoeError):
+        code_hash([entry])
+
+
+def test_hash_is_16_hex_and_order_independent():
+    h = code_hash(["alloc_moe.plots", "alloc_moe.summary"])
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert h == code_hash(["alloc_moe.summary", "alloc_moe.plots"])
