@@ -134,3 +134,72 @@ def paper_tables(acc: pd.DataFrame, *, k_base: int, calibration: str, k_base_swe
                                            f"Table 4 ({model}): ablation of Alloc-L (+L) and Alloc-T (+T)")
     return out
 
+
+
+def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibration: str) -> str:
+    """The README's fidelity study: per method and budget, mean and spread (min..max) over training seeds of each
+    group score and of the perplexity change per family; and the share of Uniform's loss vs the original model that
+    +L, +T and +L+T recover at half budget (B = L * K_orig / 2)."""
+    lines = []
+    for model in sorted(acc.model.unique()):
+        g = group_table(acc[acc.model == model], k_base=k_base, calibration=calibration)
+        seeds = sorted(g.seed.unique())
+        lines += [f"### {model}: {len(seeds)} training seed(s) {seeds}", "",
+                  "Group scores in points: mean over seeds [min..max]; chance and SE per seed are in accuracy.csv.", ""]
+        budgets = sorted(g[g.method != "Original"].budget.unique())
+        groups = [x for x in ("NLU", "Reasoning", "Math") if x in set(g.group)]
+        lines.append("| method | B | " + " | ".join(groups) + " |")
+        lines.append("|---" * (len(groups) + 2) + "|")
+        order = ["Original", "Uniform", "Ascending", "Descending", "LExI", "Alloc-L", "Dynamic-MoE", "NAEE", "Alloc-T",
+                 "Alloc-MoE"]
+        for m in order:
+            for b in (budgets if m != "Original" else sorted(g[g.method == m].budget.unique())):
+                d = g[(g.method == m) & (g.budget == b)]
+                if d.empty:
+                    continue
+                cells = []
+                for grp in groups:
+                    v = d[d.group == grp].value
+                    cells.append(f"{v.mean():.2f} [{v.min():.2f}..{v.max():.2f}]" if len(v) > 1 else f"{v.mean():.2f}")
+                lines.append(f"| {m} | {b:g} | " + " | ".join(cells) + " |")
+        # recovery at half budget
+        orig_b = g[g.method == "Original"].budget.max()
+        half = orig_b / 2
+        lines += ["", f"Share of Uniform's loss (Original - Uniform) recovered at half budget B={half:g}, per seed, "
+                      "then mean [min..max] (1 = all of it, 0 = none, < 0 = worse than Uniform):", "",
+                  "| variant | " + " | ".join([*groups, "mean of groups"]) + " |", "|---" * (len(groups) + 2) + "|"]
+        for label, m in (("+L", "Alloc-L"), ("+T", "Alloc-T"), ("+L+T", "Alloc-MoE")):
+            cells = []
+            for grp in [*groups, None]:
+                shares = []
+                for s in seeds:
+                    def score(method, budget):
+                        d = g[(g.method == method) & (g.budget == budget) & (g.seed == s)]
+                        d = d if grp is None else d[d.group == grp]
+                        return d.value.mean() if not d.empty else float("nan")
+                    o, u, x = score("Original", orig_b), score("Uniform", half), score(m, half)
+                    shares.append((x - u) / (o - u) if abs(o - u) > 1e-9 else float("nan"))
+                sh = pd.Series(shares).dropna()
+                cells.append("n/a" if sh.empty else (f"{sh.mean():.2f} [{sh.min():.2f}..{sh.max():.2f}]" if len(sh) > 1
+                                                      else f"{sh.mean():.2f}"))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        # perplexity change per family
+        p = ppl[(ppl.model == model) & (ppl.method.isin(["Uniform", "Alloc-L", "Alloc-T", "Alloc-MoE", "LExI",
+                                                          "Dynamic-MoE", "NAEE"]))]
+        p = p[(p.token_allocation != "alloc-t") | (p.k_base == str(k_base))]
+        p = p[p.calibration.isin(["", "none", calibration])]
+        fams = [f for f in ("all", "language", "patterns", "arithmetic") if f in set(p.family)]
+        lines += ["", "Perplexity change vs the original model (%), held-out text: mean over seeds [min..max]", "",
+                  "| method | B | " + " | ".join(fams) + " |", "|---" * (len(fams) + 2) + "|"]
+        for m in [x for x in order if x in set(p.method)]:
+            for b in budgets:
+                d = p[(p.method == m) & (p.budget == b)]
+                if d.empty:
+                    continue
+                cells = []
+                for f in fams:
+                    v = d[d.family == f].ppl_change_pct
+                    cells.append(f"{v.mean():+.2f} [{v.min():+.2f}..{v.max():+.2f}]" if len(v) > 1 else f"{v.mean():+.2f}")
+                lines.append(f"| {m} | {b:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"

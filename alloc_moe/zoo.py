@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+
+# transformers and tokenizers are imported where they are used: building the CLI parser imports this module
 
 from .errors import AllocMoeError
 from .hf_backend import moe_layers
@@ -136,8 +136,10 @@ def make_config(
     layers: int | None = None,
     width: str = "tiny",
     vocab_size: int | None = None,
-) -> PretrainedConfig:
+) -> "PretrainedConfig":  # noqa: F821
     """Config of a generic tiny or small MoE of `arch`, or of a published `topology` at tiny or full width."""
+    from transformers import AutoConfig
+
     arch = _resolve_arch(arch, topology)
     _choose("width", width, WIDTHS)
     spec = ARCHITECTURES[arch]
@@ -186,8 +188,11 @@ def _bytes_to_unicode() -> dict[str, int]:
 _BYTE_VOCAB = _bytes_to_unicode()
 
 
-def make_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+def make_tokenizer(padding_side: str = "left"):
     """Offline byte-level tokenizer: 256 byte tokens (no merges) + <s>, </s>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     _choose("padding_side", padding_side, ("left", "right"))
     tok = Tokenizer(models.BPE(vocab=dict(_BYTE_VOCAB), merges=[]))  # id == byte value
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -216,6 +221,8 @@ def make_model(
 
     `overrides` sets config fields after the arch/topology defaults (e.g. {"num_experts_per_tok": 3}).
     """
+    from transformers import AutoModelForCausalLM
+
     if router_std is not None and not (router_std > 0):
         raise AllocMoeError(f"router_std must be > 0, got {router_std!r}")
     config = make_config(arch, topology=topology, layers=layers, width=width)

@@ -12,6 +12,7 @@ rule summarize:
         accuracy="results/summary/accuracy.csv",
         perplexity="results/summary/perplexity.csv",
         tables=expand("results/summary/tables/{table}_{model}.md", table=["table2", "table3", "table4"], model=MODEL_NAMES),
+        fidelity="results/summary/fidelity.md",
         environment="results/summary/environment.json",
     params:
         k_base=K_BASE,

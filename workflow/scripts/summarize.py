@@ -7,14 +7,17 @@ from pathlib import Path
 
 from alloc_moe.io import atomic_write_text
 from alloc_moe.provenance import environment
-from alloc_moe.summary import accuracy_table, eval_perplexity_table, paper_tables, write_csv
+from alloc_moe.summary import accuracy_table, eval_perplexity_table, fidelity_report, paper_tables, write_csv
 
 acc = accuracy_table(list(snakemake.input))
 write_csv(acc, snakemake.output.accuracy)
-write_csv(eval_perplexity_table(list(snakemake.input)), snakemake.output.perplexity)
+ppl = eval_perplexity_table(list(snakemake.input))
+write_csv(ppl, snakemake.output.perplexity)
 tables = paper_tables(acc, k_base=snakemake.params.k_base, calibration=snakemake.params.calibration,
                       k_base_sweep=snakemake.params.k_base_sweep)
 for path in snakemake.output.tables:
     atomic_write_text(path, tables[Path(path).stem])
+atomic_write_text(snakemake.output.fidelity, fidelity_report(acc, ppl, k_base=snakemake.params.k_base,
+                                                             calibration=snakemake.params.calibration))
 # versions, git commit and hardware next to the tables (kept out of the CSVs so they stay byte-identical)
 atomic_write_text(snakemake.output.environment, json.dumps(environment(), indent=1) + "\n")
