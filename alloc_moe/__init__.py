@@ -1,5 +1,10 @@
-"""Alloc-MoE: budget-aware expert activation allocation for Mixture-of-Experts inference."""
+"""Alloc-MoE: budget-aware expert activation allocation for Mixture-of-Experts inference.
 
+The public names below are imported on first use (PEP 562), so `import alloc_moe.<module>` loads only what that
+module needs: the workflow hashes each rule's module closure to decide what to re-run.
+"""
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -7,18 +12,29 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+source"
 
-from .budget import budget_range, check_budget
-from .calibration import calibrate_threshold
-from .errors import AllocMoeError
-from .layer_alloc import LAYER_METHODS, alloc_l, ascending, descending, lexi, normalize_sensitivity, uniform
-from .plan import Plan, build_plan
-from .token_alloc import TOKEN_METHODS, alloc_t, mask_to_slots, naee_mask, top_p_mask, topk_mask
+# public name -> the module that defines it
+_PUBLIC = {
+    "budget_range": "budget", "check_budget": "budget", "calibrate_threshold": "calibration",
+    "AllocMoeError": "errors", "LAYER_METHODS": "layer_alloc", "alloc_l": "layer_alloc", "ascending": "layer_alloc",
+    "descending": "layer_alloc", "lexi": "layer_alloc", "normalize_sensitivity": "layer_alloc",
+    "uniform": "layer_alloc", "Plan": "plan", "build_plan": "plan", "TOKEN_METHODS": "token_alloc",
+    "alloc_t": "token_alloc", "mask_to_slots": "token_alloc", "naee_mask": "token_alloc",
+    "top_p_mask": "token_alloc", "topk_mask": "token_alloc",
+}
 
-__all__ = [
-    "AllocMoeError", "LAYER_METHODS", "TOKEN_METHODS", "Plan", "alloc_l", "alloc_t", "apply", "ascending",
-    "budget_range", "build_plan", "calibrate_threshold", "check_budget", "descending", "lexi", "mask_to_slots",
-    "naee_mask", "normalize_sensitivity", "top_p_mask", "topk_mask", "uniform",
-]
+__all__ = sorted([*_PUBLIC, "apply"])
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alloc_moe' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
 
 
 def apply(model, plan, **kwargs):

@@ -202,7 +202,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
     import lm_eval
     from lm_eval.utils import setup_logging
 
-    from .hf_backend import moe_layers
+    from .moe_model import moe_layers
     from .provenance import environment
 
     if backend not in ACCURACY_BACKENDS:
@@ -342,7 +342,7 @@ def _check_plans_against_model(model: str, plans: list[Plan]) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .hf_backend import check_plan_fits, moe_layers
+    from .moe_model import check_plan_fits, moe_layers
 
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=False)

@@ -1,4 +1,5 @@
-"""`alloc-moe` command line. Each subcommand module exposes `register_cli(subparsers)`."""
+"""`alloc-moe` command line: the parser and error handling. Each subcommand lives next to its implementation in a
+module that exposes `register_cli(subparsers)` (listed in `_command_modules`)."""
 
 import argparse
 import sys
@@ -13,119 +14,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _parse_layers(text: str) -> list[int]:
-    """'1-26' or '0,2,4' -> decoder-layer indices."""
-    out = []
-    try:
-        for part in text.split(","):
-            a, _, b = part.partition("-")
-            out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like '1-26' or '0,2,4', got {text!r}") from None
-    return out
-
-
-def _cmd_plan(args) -> int:
-    import shlex
-
-    from . import __version__
-    from .io import sha256_file
-    from .plan import build_plan
-    from .sensitivity import read_sensitivity
-
-    provenance = {"package_version": __version__, "command": shlex.join(["alloc-moe", *args.argv])}
-    if args.calibration:
-        provenance["calibration"] = args.calibration
-    S = None
-    if args.sensitivity:
-        layers, S = read_sensitivity(args.sensitivity)
-        provenance["sensitivity_sha256"] = sha256_file(args.sensitivity)
-        k_orig = S.shape[1]
-        if args.moe_layers and args.moe_layers != layers:
-            raise AllocMoeError(f"--moe-layers {args.moe_layers} disagree with the sensitivity file's layers {layers}")
-    elif args.moe_layers and args.k_orig:
-        layers, k_orig = args.moe_layers, args.k_orig
-    else:
-        raise AllocMoeError("give --sensitivity S.csv, or --moe-layers and --k-orig for the data-free methods")
-    routing = None
-    if args.routing_scores:
-        from .routing_stats import load_routing_scores
-
-        routing = load_routing_scores(args.routing_scores)
-        provenance["routing_scores_sha256"] = sha256_file(args.routing_scores)
-    plan = build_plan(
-        method=args.method, budget=args.budget, moe_layers=layers, k_orig=k_orig, sensitivity=S,
-        token_allocation=args.token_allocation, k_base=args.k_base, normalization=args.normalization,
-        routing_scores=routing, model=args.model, provenance=provenance, exact_budget=args.exact_budget,
-    )
-    plan.save(args.out)
-    print(f"wrote {args.out}: {args.method} x {args.token_allocation}, budget {plan.budget:g}, "
-          f"K per layer {plan.k_per_layer}")
-    return 0
-
-
-def _cmd_show(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .plan import Plan
-
-    plan = Plan.load(args.plan)
-    table = Table(title=f"{plan.model}: {plan.layer_method} x {plan.token_allocation}, budget {plan.budget:g}")
-    table.add_column("MoE layer", justify="right")
-    table.add_column("decoder layer", justify="right")
-    table.add_column("K", justify="right")
-    if plan.thresholds:
-        table.add_column("p" if plan.token_allocation == "top-p" else "beta", justify="right")
-    for i, (layer, k) in enumerate(zip(plan.moe_layers, plan.k_per_layer)):
-        row = [str(i), str(layer), f"{k:g}"]
-        if plan.thresholds:
-            row.append(f"{plan.thresholds[i]:.4f}")
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    extra = f", k_base {plan.k_base}" if plan.token_allocation == "alloc-t" else ""
-    console.print(f"sum of K = {sum(plan.k_per_layer):g} of budget {plan.budget:g} "
-                  f"(K_orig {plan.k_orig} x {plan.num_layers} layers = {plan.k_orig * plan.num_layers}){extra}")
-    return 0
-
-
-def _register_core(sub) -> None:
-    from .layer_alloc import LAYER_METHODS, NORMALIZATIONS
-    from .token_alloc import TOKEN_METHODS
-
-    p = sub.add_parser("plan", help="allocate a global activation budget over the MoE layers and write a plan JSON",
-                       description="Allocate a global activation budget B over a model's MoE layers and write a plan.")
-    p.add_argument("--sensitivity", metavar="S.csv", help="long CSV with header layer,k,value (from `alloc-moe profile`)")
-    p.add_argument("--budget", type=float, required=True, help="global budget B = sum over MoE layers of activations per token")
-    p.add_argument("--method", choices=list(LAYER_METHODS), required=True, help="layer-level allocation method")
-    p.add_argument("--token-allocation", choices=list(TOKEN_METHODS), default="topk", help="token-level mode (default: topk)")
-    p.add_argument("--k-base", type=int, default=1, help="alloc-t: experts every token keeps (default: 1)")
-    p.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
-                   help="alloc-l: sensitivity row normalisation (default: relative)")
-    p.add_argument("--exact-budget", action="store_true",
-                   help="alloc-l/lexi: spend exactly floor(B) (default: at most B, as in the paper's eq. 4)")
-    p.add_argument("--routing-scores", metavar="FILE.pt", help="top-p/naee: recorded routing probabilities to calibrate thresholds on")
-    p.add_argument("--moe-layers", type=_parse_layers, help="decoder indices of the MoE layers, e.g. 1-26 (data-free methods)")
-    p.add_argument("--k-orig", type=int, help="the model's original top-k (data-free methods)")
-    p.add_argument("--model", default="unspecified", help="model id or path recorded in the plan")
-    p.add_argument("--calibration", default=None,
-                   help="label of the calibration data the sensitivity / routing scores came from (recorded in the plan)")
-    p.add_argument("--out", required=True, help="plan JSON to write")
-    p.set_defaults(func=_cmd_plan)
-
-    s = sub.add_parser("show", help="print a plan as a per-layer table", description="Print a plan as a per-layer table.")
-    s.add_argument("plan", help="plan JSON")
-    s.set_defaults(func=_cmd_show)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = OneLineParser(prog="alloc-moe", description="Budget-aware expert activation allocation for MoE inference.")
     parser.add_argument("--version", action="version", version=f"alloc-moe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    _register_core(sub)
     for register in _command_modules():
         register(sub)
     return parser
@@ -135,7 +29,7 @@ def _command_modules():
     """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy", "regress"):
+    for name in ("plan_cli", "zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy", "regress"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:

@@ -12,85 +12,15 @@ index [T,K])` and then `experts(hidden, index, weights)`. Two patch points, neit
   Slots are never reordered, so keeping every pair reproduces the unpatched model bit for bit.
 """
 
-import dataclasses
 import warnings
-from collections.abc import Callable
 
 import torch
 
 from .errors import AllocMoeError
+from .moe_model import ARCHITECTURES, MoeLayer, check_plan_fits, moe_layers  # noqa: F401 - re-exported
 from .plan import Plan, as_plan
 from .routing_stats import RoutingStats
 from .token_alloc import TOKEN_METHODS
-
-
-def _norm_topk(gate) -> bool:
-    return bool(getattr(gate, "norm_topk_prob", False))
-
-
-# model_type -> does the router renormalise the kept top-k weights? (one entry per supported architecture)
-ARCHITECTURES: dict[str, Callable[[torch.nn.Module], bool]] = {
-    "deepseek_v2": lambda gate: False,  # multiplies by routed_scaling_factor instead
-    "qwen2_moe": _norm_topk,
-    "olmoe": _norm_topk,
-    "qwen3_moe": _norm_topk,
-    "mixtral": lambda gate: True,
-}
-
-
-@dataclasses.dataclass
-class MoeLayer:
-    index: int  # decoder-layer index
-    block: torch.nn.Module
-    gate: torch.nn.Module
-    experts: torch.nn.Module
-    num_experts: int
-    k_orig: int
-    renormalize: bool
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise AllocMoeError(f"{type(model).__name__} has no decoder layers at model.model.layers")
-    return layers
-
-
-def moe_layers(model) -> list[MoeLayer]:
-    """The model's sparse MoE blocks, in depth order (dense layers skipped)."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise AllocMoeError(f"unsupported model type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
-    out = []
-    for i, layer in enumerate(_decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
-        gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-        if gate is None or experts is None or not hasattr(gate, "top_k"):
-            continue
-        k = getattr(gate, "_alloc_moe_k_orig", gate.top_k)
-        out.append(MoeLayer(i, block, gate, experts, experts.num_experts, int(k), ARCHITECTURES[model_type](gate)))
-    if not out:
-        raise AllocMoeError(f"{type(model).__name__} has no MoE layers")
-    return out
-
-
-def check_plan_fits(plan: Plan, layers: list[MoeLayer]) -> None:
-    indices = [m.index for m in layers]
-    if plan.moe_layers != indices:
-        raise AllocMoeError(
-            f"plan is for MoE layers {_span(plan.moe_layers)} but the model's MoE layers are {_span(indices)}"
-        )
-    k_orig = {m.k_orig for m in layers}
-    if k_orig != {plan.k_orig}:
-        raise AllocMoeError(f"plan has k_orig={plan.k_orig} but the model's routers use top-k {sorted(k_orig)}")
-    for m, k in zip(layers, plan.k_per_layer):
-        if k > m.k_orig:
-            raise AllocMoeError(f"plan gives layer {m.index} K={k}, above the model's K_orig={m.k_orig}")
-
-
-def _span(xs: list[int]) -> str:
-    return f"{xs[0]}..{xs[-1]} ({len(xs)} layers)" if xs == list(range(xs[0], xs[-1] + 1)) else str(xs)
 
 
 class _TokenMask:

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import AllocMoeError
-from .hf_backend import MoeLayer, moe_layers
+from .moe_model import MoeLayer, moe_layers
 from .io import atomic_write_text
 from .perplexity import nll_from_logits, window_nll
 

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +83,7 @@ class RouterTap:
     """Collects every MoE router's logits [T, E] during a forward (forward hooks on `mlp.gate`)."""
 
     def __init__(self, model):
-        from .hf_backend import moe_layers
+        from .moe_model import moe_layers
 
         self.layers = moe_layers(model)
         self.logits: list[torch.Tensor] = []
@@ -163,7 +162,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
     """
     from tqdm.auto import tqdm
 
-    from . import synthetic
     from .provenance import environment
 
     cfg.check()
@@ -172,7 +170,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
         raise AllocMoeError(f"{out} exists and is not empty; pass --overwrite to replace it")
     ckpt_path = out.with_name(out.name + ".ckpt.pt")
     model = build_model(cfg)
-    from .hf_backend import moe_layers
+    from .moe_model import moe_layers
 
     k = moe_layers(model)[0].k_orig
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -251,23 +249,12 @@ def _atomic_save(obj, path: Path) -> None:
 
 def _write_model_dir(model, summary: dict, out: Path) -> None:
     from . import synthetic
+    from .io import atomic_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         synthetic.make_word_tokenizer().save_pretrained(tmp)
         (tmp / "alloc_moe_train.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def register_cli(sub) -> None:

@@ -8,8 +8,6 @@ import importlib.metadata
 import importlib.resources
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +15,8 @@ import torch
 # transformers and tokenizers are imported where they are used: building the CLI parser imports this module
 
 from .errors import AllocMoeError
-from .hf_backend import moe_layers
+from .io import atomic_dir
+from .moe_model import moe_layers
 
 # Byte-level tokenizer: ids 0..255 are bytes, then the specials.
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -273,28 +272,15 @@ def write_model(out_dir: str | os.PathLike, *, overwrite: bool = False, **make_m
         "transformers_version": importlib.metadata.version("transformers"),
         "torch_version": torch.__version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         make_tokenizer().save_pretrained(tmp)
         (tmp / "alloc_moe_zoo.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if overwrite and out.exists():
-            # rename(2) cannot replace a non-empty directory: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return model
 
 
 def moe_layer_indices(model) -> list[int]:
-    """Decoder-layer indices of the sparse MoE blocks (see `hf_backend.moe_layers`)."""
+    """Decoder-layer indices of the sparse MoE blocks (see `moe_model.moe_layers`)."""
     return [m.index for m in moe_layers(model)]
 
 

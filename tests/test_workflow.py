@@ -14,7 +14,7 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TINY = """
 models:
   tiny:
-    make: {arch: olmoe, layers: 3, router_std: 1.0}
+    train: {arch: olmoe, width: tiny, layers: 3, steps: 20, batch_size: 4, seq_len: 16}
     budgets: [4, 5]
 calibration: {default: balanced, sets: [balanced, language], docs_per_family: 4}
 evaluation: {docs_per_family: 2, seq_len: 32}
@@ -80,6 +80,7 @@ def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
         assert "B=4" in text and "B=5" in text
     assert "| balanced |" in (run / "results/summary/tables/table3_tiny.md").read_text()
     assert (run / "results/tiny-s0/logs/profile_ppl_balanced.log").exists()
+    assert (run / "results/tiny-s0/model/alloc_moe_train.json").exists()
 
 
 def test_workflow_is_up_to_date_after_a_run(run):
@@ -114,3 +115,39 @@ def test_results_record_versions_commit_and_hardware(run):
     assert {"alloc_moe", "git_commit", "torch", "transformers", "platform", "cpu"} <= set(env)
     run_json = json.loads((run / "results/tiny-s0/eval/original.json").read_text())
     assert run_json["environment"]["torch"] == env["torch"]
+
+
+def _rerun_after_editing(run, tmp_path, module: str) -> dict[str, int]:
+    """Copy the repo's workflow and package, append a comment to one module, and dry-run that copy on the finished
+    run: the jobs Snakemake would re-run, by rule."""
+    import re
+
+    src = tmp_path / "repo"
+    shutil.copytree(ROOT / "workflow", src / "workflow")
+    shutil.copytree(ROOT / "alloc_moe", src / "alloc_moe", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "Snakefile", src / "Snakefile")
+    f = src / "alloc_moe" / module
+    f.write_text(f.read_text() + "\n# an edit\n")
+    res = subprocess.run([str(SNAKEMAKE), "--snakefile", str(src / "Snakefile"), "--directory", str(run), "-n",
+                          "--cores", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("Reasons:", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+def test_editing_plotting_code_reruns_only_figures(run, tmp_path):
+    jobs = _rerun_after_editing(run, tmp_path, "plots.py")
+    assert set(jobs) == {"figure", "figure_perplexity", "all"}, jobs
+
+
+def test_editing_the_hf_backend_reruns_evaluation_not_training(run, tmp_path):
+    jobs = _rerun_after_editing(run, tmp_path, "hf_backend.py")
+    assert "train" not in jobs and "calibration_set" not in jobs and "profile_lexi" not in jobs, jobs
+    assert any(j.startswith("accuracy_") for j in jobs) and "routing_scores" in jobs, jobs
+
+
+def test_editing_unused_code_reruns_nothing(run, tmp_path):
+    assert _rerun_after_editing(run, tmp_path, "regress.py") == {}

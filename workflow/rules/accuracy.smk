@@ -29,7 +29,7 @@ def _eval_rule(run, label, plan_files, outs):
         output:
             outs,
         params:
-            pkg=PKG,
+            code=code("alloc_moe.accuracy"),
         threads: 1
         resources:
             gpu=0 if spec.get("backend", "hf") == "hf" and "path" not in spec else 1,

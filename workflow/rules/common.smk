@@ -1,4 +1,3 @@
-import hashlib
 import math
 import re
 import os
@@ -23,16 +22,15 @@ ACC = config.get("accuracy", {})
 K_BASE = config.get("k_base", 1)
 
 
-def _package_hash():
-    """Content hash of the alloc_moe sources: an edit of the package re-runs the rules that use it."""
-    h = hashlib.sha256()
-    for p in sorted(Path(workflow.basedir, "alloc_moe").rglob("*")):
-        if p.suffix in (".py", ".json", ".yaml"):
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+def code(*entries):
+    """Hash of the code a rule runs: the `alloc-moe` CLI plus the named alloc_moe modules, or a workflow script, each
+    with the alloc_moe modules it imports (transitively). A rule re-runs when that code changes, and only then."""
+    from alloc_moe.codehash import code_hash
 
-
-PKG = _package_hash()
+    scripts = [str(Path(workflow.basedir, e)) for e in entries if e.endswith(".py")]
+    modules = [e for e in entries if not e.endswith(".py")]
+    return code_hash(scripts + (["alloc_moe.cli", *modules] if modules or not scripts else []),
+                     package_dir=Path(workflow.basedir, "alloc_moe"))
 
 # A run is one model at one seed: results/<model>-s<seed>/...
 RUNS = {f"{name}-s{seed}": (name, seed) for name, spec in config["models"].items() for seed in spec.get("seeds", [0])}

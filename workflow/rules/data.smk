@@ -5,7 +5,7 @@ rule calibration_set:
         name="balanced|language|structured",
     params:
         docs=CAL.get("docs_per_family", 40),
-        pkg=PKG,
+        code=code("alloc_moe.synthetic"),
     log:
         "results/logs/calib_{name}.log",
     conda:
@@ -19,7 +19,7 @@ rule heldout_text:
         "results/data/heldout.jsonl",
     params:
         docs=EVAL.get("docs_per_family", 20),
-        pkg=PKG,
+        code=code("alloc_moe.synthetic"),
     log:
         "results/logs/heldout_text.log",
     conda:
@@ -32,7 +32,7 @@ rule embedded_tasks:
     output:
         directory("results/tasks/embedded"),
     params:
-        pkg=PKG,
+        code=code("alloc_moe.tasks.embedded"),
     log:
         "results/logs/embedded_tasks.log",
     conda:

@@ -11,7 +11,7 @@ rule train:
     params:
         args=_train_args,
         seed=lambda wc: RUNS[wc.run][1],
-        pkg=PKG,
+        code=code("alloc_moe.train"),
     threads: workflow.cores
     log:
         "results/{run}/logs/train.log",
@@ -37,7 +37,7 @@ rule make_model:
     params:
         args=_make_args,
         seed=lambda wc: RUNS[wc.run][1],
-        pkg=PKG,
+        code=code("alloc_moe.zoo"),
     log:
         "results/{run}/logs/make_model.log",
     conda:

@@ -10,7 +10,7 @@ rule profile_ppl:
         seq_len=PROFILE.get("seq_len", 64),
         max_tokens=PROFILE.get("max_tokens", 8192),
         batch_size=PROFILE.get("batch_size", 16),
-        pkg=PKG,
+        code=code("alloc_moe.profiling"),
     threads: 1
     log:
         "results/{run}/logs/profile_ppl_{calib}.log",
@@ -29,7 +29,7 @@ rule profile_lexi:
         "results/{run}/sensitivity/lexi.csv",
     params:
         model=model_dir,
-        pkg=PKG,
+        code=code("alloc_moe.profiling"),
     threads: 1
     log:
         "results/{run}/logs/profile_lexi.log",
@@ -52,7 +52,7 @@ rule routing_scores:
         seq_len=PROFILE.get("seq_len", 64),
         max_tokens=PROFILE.get("max_tokens", 8192),
         batch_size=PROFILE.get("batch_size", 16),
-        pkg=PKG,
+        code=code("alloc_moe.evaluate"),
     threads: 1
     log:
         "results/{run}/logs/routing_{calib}.log",

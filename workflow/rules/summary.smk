@@ -18,7 +18,7 @@ rule summarize:
         k_base=K_BASE,
         k_base_sweep=config.get("k_base_sweep", []),
         calibration=CAL_DEFAULT,
-        pkg=PKG,
+        code=code("workflow/scripts/summarize.py"),
     log:
         "results/logs/summarize.log",
     conda:
@@ -34,7 +34,7 @@ rule figure_perplexity:
         report("results/summary/figures/perplexity_{model}.png", caption="../report/perplexity.rst",
                category="Perplexity", labels={"model": "{model}"}),
     params:
-        pkg=PKG,
+        code=code("workflow/scripts/plot_perplexity.py"),
     log:
         "results/logs/figure_perplexity_{model}.log",
     conda:
@@ -54,7 +54,7 @@ rule figure:
     params:
         k_base=K_BASE,
         calibration=CAL_DEFAULT,
-        pkg=PKG,
+        code=code("workflow/scripts/plot_accuracy.py"),
     log:
         "results/logs/figure_{fig}_{model}.log",
     conda:
