@@ -24,6 +24,9 @@ from .routing import SCOPE_ENV
 SCHEDULER = {"max_num_seqs": 8, "enable_chunked_prefill": False, "max_num_batched_tokens": 2048, "max_model_len": 2048}
 # Engine defaults on top: eager (no compile) unless asked, small CPU KV cache.
 ENGINE_DEFAULTS = {"enforce_eager": True}
+# Other LLM(...) arguments a caller may pass through (moe_backend="triton" on CUDA for variable experts per token).
+ENGINE_ARGS = ("moe_backend", "gpu_memory_utilization", "distributed_executor_backend", "tensor_parallel_size",
+               "max_logprobs", "enable_prefix_caching")
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -47,11 +50,11 @@ def vllm_version() -> str:
 def engine_kwargs(*, dtype: str, seed: int, **overrides) -> dict:
     if dtype not in DTYPES:
         raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
-    unknown = set(overrides) - {*SCHEDULER, *ENGINE_DEFAULTS, "gpu_memory_utilization", "moe_backend",
-                                "distributed_executor_backend", "tensor_parallel_size", "max_logprobs"}
+    allowed = {*SCHEDULER, *ENGINE_DEFAULTS, *ENGINE_ARGS}
+    unknown = set(overrides) - allowed
     if unknown:
         raise AllocMoeError(f"unknown vllm backend argument(s) {', '.join(sorted(unknown))}; allowed: "
-                            + ", ".join(sorted({*SCHEDULER, *ENGINE_DEFAULTS, "moe_backend"})))
+                            + ", ".join(sorted(allowed)))
     return {**SCHEDULER, **ENGINE_DEFAULTS, "dtype": dtype, "seed": seed, **overrides}
 
 
