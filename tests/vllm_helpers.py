@@ -43,16 +43,17 @@ def hf_model(model_dir: str):
 
 def hf_prompt_logprobs(model, ids: list[int], plan: Plan | None, stats: bool = False):
     """log p(token_i | tokens_<i) for i >= 1, one sequence per forward; with `stats`, also computed pairs."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     with apply(model, plan, stats=stats or None) as handle, torch.no_grad():
-        logits = model(input_ids=x).logits[0].float()  # [S, V]
+        logits = model(input_ids=x).logits[0].float().cpu()  # [S, V]
         pairs = handle.stats.computed_pairs() if stats else None
+    x = x.cpu()
     lp = logits.log_softmax(-1)[:-1].gather(1, x[0, 1:, None])[:, 0]  # [S-1]
     return (lp, pairs) if stats else lp
 
 
 def hf_greedy(model, ids: list[int], plan: Plan | None, n: int) -> list[int]:
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     with apply(model, plan), torch.no_grad():
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
                              pad_token_id=zoo.PAD_ID, eos_token_id=None)

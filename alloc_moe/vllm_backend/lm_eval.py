@@ -13,6 +13,7 @@ import contextlib
 import importlib.metadata
 import sys
 
+from ..errors import AllocMoeError
 from ..plan import Plan
 from . import engine
 
@@ -38,8 +39,15 @@ def lm_eval_vllm_module():
 
 
 @contextlib.contextmanager
-def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, device: str, seed: int, **backend_args):
-    """Context manager yielding lm-eval's VLLM LM for `model` with `plan` applied in the engine's workers."""
+def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, device: str, seed: int, stats=None,
+            **backend_args):
+    """Context manager yielding lm-eval's VLLM LM for `model` with `plan` applied in the engine's workers.
+
+    `stats` (routing statistics) must be None: the engine's workers do not report them (count pairs with the
+    HF backend). `device` is recorded only; vLLM picks its platform itself.
+    """
+    if stats is not None:
+        raise AllocMoeError("the vllm backend does not collect routing statistics; use --backend hf for them")
     kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, **backend_args)  # validates before anything starts
     if plan is not None:
         engine.check_plan_for_model(model, plan)
