@@ -25,6 +25,18 @@ from vllm_helpers import (  # noqa: E402
 pytestmark = pytest.mark.slow
 ARCHS = ["olmoe", "qwen3_moe", "deepseek_v2"]
 GREEDY = 6
+# Unpatched vLLM (CPU, 0.32.0) and unpatched HF already differ on the small zoo DeepSeek-V2 (MLA with qk_nope 32,
+# rope 64, v 32): max prompt-logprob gap 7.5e-3 with no plan at all (measured). Comparisons with HF are skipped there;
+# the vLLM-only checks (K_orig identity, analytic pair counts, mismatch) still run on it.
+HF_DIFFERS = {"deepseek_v2": "unpatched vLLM and HF differ by 7.5e-3 on this model already (MLA attention)"}
+
+
+def needs_hf_parity(model_dir):
+    from vllm_helpers import zoo_meta
+
+    arch = zoo_meta(model_dir)["arch"]
+    if arch in HF_DIFFERS:
+        pytest.skip(f"{arch}: {HF_DIFFERS[arch]}")
 
 
 def plans(model_dir):
@@ -80,6 +92,7 @@ def test_parity_with_hf(setup, mode):
     """Same plan, same checkpoint: vLLM's prompt logprobs and greedy tokens equal the HF backend's, with one sequence
     per engine step (so Alloc-T sees the same tokens as HF's single-sequence forward)."""
     model_dir, hf, llm = setup
+    needs_hf_parity(model_dir)
     plan = plans(model_dir)[mode]
     undo = with_plan(llm, plan)
     try:
@@ -136,6 +149,7 @@ def test_pairs_at_the_kernel_follow_the_plan(setup, kernel_pairs, mode):
     elif mode == "alloc-t":
         expected = {layer: int(T * k) for layer, k in zip(plan.moe_layers, plan.k_per_layer)}  # floor(T * K_l)
     else:
+        needs_hf_parity(model_dir)
         expected = hf_prompt_logprobs(hf, ids, plan, stats=True)[1]  # what HF's experts computed
     assert kernel_pairs == expected
 
@@ -144,6 +158,7 @@ def test_alloc_t_scope_sequence(setup, monkeypatch):
     """Scope `sequence`: prompts batched into one step still each match HF's single-sequence Alloc-T; scope `step`
     (the paper's) couples them, so the batched result differs from the one-by-one one."""
     model_dir, hf, llm = setup
+    needs_hf_parity(model_dir)
     plan = plans(model_dir)["alloc-t"]
     batch = prompts()
     monkeypatch.setenv(SCOPE_ENV, "sequence")

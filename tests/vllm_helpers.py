@@ -12,7 +12,9 @@ LOGPROB_TOL = 1e-5
 
 
 def write_zoo(path, arch: str) -> str:
-    zoo.write_model(path, arch=arch, width="small", layers=3, router_std=1.0, seed=0)
+    """3 MoE layers (DeepSeek-V2 gets its dense layer 0 in front: MoE layers 1..3)."""
+    layers = 4 if arch == "deepseek_v2" else 3
+    zoo.write_model(path, arch=arch, width="small", layers=layers, router_std=1.0, seed=0)
     return str(path)
 
 
