@@ -68,21 +68,20 @@ def setup(request, tmp_path_factory):
     mp.undo()
 
 
-def with_plan(llm, plan):
-    """Apply `plan` to the engine's model (as the plugin does at load); returns an undo callable."""
+def run_with_plan(llm, plan, batch, max_tokens=1, one_by_one=False):
+    """Apply `plan` to the engine's model (as the plugin does at load), run `batch`, remove the plan."""
     llm.apply_model(lambda m: apply_plan(m, plan) and None)
-    return lambda: llm.apply_model(remove_plan)
+    try:
+        return (vllm_one_by_one if one_by_one else vllm_run)(llm, batch, max_tokens)
+    finally:
+        llm.apply_model(remove_plan)
 
 
 def test_k_orig_plan_is_identical_to_unpatched(setup):
     model_dir, _, llm = setup
     base = vllm_run(llm, prompts(), max_tokens=GREEDY)
     for mode, ks in (("topk", [4, 4, 4]), ("alloc-t", [4.0, 4.0, 4.0])):
-        undo = with_plan(llm, plan_for(model_dir, mode, ks))
-        try:
-            got = vllm_run(llm, prompts(), max_tokens=GREEDY)
-        finally:
-            undo()
+        got = run_with_plan(llm, plan_for(model_dir, mode, ks), prompts(), max_tokens=GREEDY)
         for (lp0, tok0), (lp, tok) in zip(base, got):
             assert torch.equal(lp0, lp) and tok0 == tok, mode
 
@@ -94,11 +93,7 @@ def test_parity_with_hf(setup, mode):
     model_dir, hf, llm = setup
     needs_hf_parity(model_dir)
     plan = plans(model_dir)[mode]
-    undo = with_plan(llm, plan)
-    try:
-        got = vllm_one_by_one(llm, prompts(), max_tokens=GREEDY)
-    finally:
-        undo()
+    got = run_with_plan(llm, plan, prompts(), max_tokens=GREEDY, one_by_one=True)
     gaps = []
     for ids, (lp, tokens) in zip(prompts(), got):
         ref = hf_prompt_logprobs(hf, ids, plan)
@@ -139,11 +134,7 @@ def test_pairs_at_the_kernel_follow_the_plan(setup, kernel_pairs, mode):
     plan = plans(model_dir)[mode]
     ids = prompts()[2]
     T = len(ids)
-    undo = with_plan(llm, plan)
-    try:
-        vllm_run(llm, [ids], max_tokens=1)  # prefill only: the sampled token never enters the model
-    finally:
-        undo()
+    run_with_plan(llm, plan, [ids])  # prefill only: the sampled token never enters the model
     if mode == "topk":
         expected = {layer: T * int(k) for layer, k in zip(plan.moe_layers, plan.k_per_layer)}
     elif mode == "alloc-t":
@@ -162,19 +153,11 @@ def test_alloc_t_scope_sequence(setup, monkeypatch):
     plan = plans(model_dir)["alloc-t"]
     batch = prompts()
     monkeypatch.setenv(SCOPE_ENV, "sequence")
-    undo = with_plan(llm, plan)
-    try:
-        seq = vllm_run(llm, batch)
-    finally:
-        undo()
+    seq = run_with_plan(llm, plan, batch)
     for ids, (lp, _) in zip(batch, seq):
         assert float((lp - hf_prompt_logprobs(hf, ids, plan)).abs().max()) <= LOGPROB_TOL
     monkeypatch.setenv(SCOPE_ENV, "step")
-    undo = with_plan(llm, plan)
-    try:
-        step = vllm_run(llm, batch)
-    finally:
-        undo()
+    step = run_with_plan(llm, plan, batch)
     assert any(not torch.allclose(a[0], b[0], atol=LOGPROB_TOL) for a, b in zip(seq, step))
 
 
