@@ -230,6 +230,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
                 model=lm, tasks=[t for _, t in tasks], num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 log_samples=False, verbosity="ERROR")
+            engine = getattr(lm, "alloc_moe_record", None)  # vLLM: version, scheduler settings, Alloc-T scope
         k_orig = num_layers = None
         if backend == "hf":
             layers = moe_layers(_load_hf(model, dtype, device)[0])
@@ -247,7 +248,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
                   "chance": {s.name: s.chance for s, _ in tasks if s.chance is not None},
                   "settings": {"model": model, "backend": backend, "limit": limit, "batch_size": batch_size,
                                "num_fewshot": num_fewshot, "dtype": dtype, "seed": seed,
-                               "tasks": [s.name for s, _ in tasks]}}
+                               "tasks": [s.name for s, _ in tasks], **({"engine": engine} if engine else {})}}
         if stats is not None:
             pairs = stats.summary()
             tokens = pairs[0]["tokens"] if pairs else 0

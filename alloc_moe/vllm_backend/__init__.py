@@ -1,0 +1,1 @@
+"""vLLM backend: apply Alloc-MoE plans inside vLLM engine workers (see plugin.py)."""

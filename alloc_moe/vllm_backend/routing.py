@@ -1,0 +1,186 @@
+"""Apply a plan to a vLLM model (>= 0.26: `MoERunner` layers with a per-layer `router`) right after it is loaded.
+
+- top-k mode: each layer's `router.top_k` is set to K_l before the engine compiles or captures graphs, so the router
+  returns [T, K_l] and the expert kernels get T*K_l pairs (vLLM's own routing, nothing else changes).
+- alloc-t / top-p / naee: the router's `_compute_routing` is wrapped. It keeps the router's [T, K_orig] slots in
+  place, asks the project's slot allocator (`token_alloc.TOKEN_METHODS`, the same contract the HF backend uses) which
+  pairs to keep, and marks dropped pairs with expert id -1 and weight 0 (static shapes, no host sync in step scope).
+  The experts must then skip them: `cpu_experts` (vLLM's CPU kernel has no bounds check) or `cuda` (Triton).
+
+Which tokens compete in Alloc-T (`ALLOC_MOE_ALLOC_T_SCOPE`): `step` (default, the paper's setting: all tokens of
+one engine step, so the result depends on batch composition) or `sequence` (each request's tokens of the step
+compete among themselves; reads the step's query_start_loc, one host sync per layer).
+"""
+
+import dataclasses
+import os
+import re
+
+import torch
+
+from ..errors import AllocMoeError
+from ..hf_backend import check_plan_fits
+from ..plan import Plan
+from ..token_alloc import TOKEN_METHODS
+
+SCOPE_ENV = "ALLOC_MOE_ALLOC_T_SCOPE"
+SCOPES = ("step", "sequence")
+DROPPED_ID = -1  # what a dropped pair's expert id is between our router patch and our experts patch
+
+
+@dataclasses.dataclass
+class VllmMoeLayer:
+    """One sparse MoE layer of a vLLM model; `index` is the decoder-layer index (as in plans)."""
+
+    index: int
+    name: str
+    runner: torch.nn.Module
+    router: torch.nn.Module
+    num_experts: int
+    k_orig: int
+
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def moe_layers(model: torch.nn.Module) -> list[VllmMoeLayer]:
+    """Every module with a `router` that has `top_k` (vLLM's MoERunner), ordered by decoder-layer index."""
+    out = []
+    for name, mod in model.named_modules():
+        router = getattr(mod, "router", None)
+        if router is None or not hasattr(router, "top_k") or not hasattr(router, "_compute_routing"):
+            continue
+        m = _LAYER_RE.search(f".{name}.")
+        if m is None:
+            raise AllocMoeError(f"cannot tell the decoder layer of MoE module {name!r}")
+        k = getattr(router, "_alloc_moe_k_orig", router.top_k)
+        out.append(VllmMoeLayer(int(m.group(1)), name, mod, router, int(router.global_num_experts), int(k)))
+    if not out:
+        raise AllocMoeError(f"{type(model).__name__} has no MoE layers (no module with a router.top_k)")
+    return sorted(out, key=lambda m: m.index)
+
+
+def alloc_t_scope() -> str:
+    scope = os.environ.get(SCOPE_ENV, "step")
+    if scope not in SCOPES:
+        raise AllocMoeError(f"{SCOPE_ENV}={scope!r}; allowed: {', '.join(SCOPES)}")
+    return scope
+
+
+def _forward_context():
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return get_forward_context() if is_forward_context_available() else None
+
+
+def _token_mask(T: int) -> torch.Tensor | None:
+    """[T] True for real tokens, from the forward context's `is_padding` (None: no padding information)."""
+    ctx = _forward_context()
+    pad = getattr(ctx, "is_padding", None) if ctx is not None else None
+    if pad is None or pad.shape[0] < T:
+        return None
+    return ~pad[:T]
+
+
+def _sequence_bounds(T: int) -> list[int] | None:
+    """Token offsets of the step's requests ([0, n_1, ..., T]) from any attention layer's metadata."""
+    ctx = _forward_context()
+    meta = getattr(ctx, "attn_metadata", None) if ctx is not None else None
+    if isinstance(meta, list):
+        meta = meta[0] if meta else None
+    for m in (meta or {}).values():
+        qsl = getattr(m, "query_start_loc", None)
+        if qsl is not None:
+            bounds = [int(x) for x in qsl.tolist() if int(x) <= T]
+            return bounds if bounds and bounds[-1] == T else [*bounds, T]
+    return None
+
+
+def _keep(slots_fn, scores: torch.Tensor, kwargs: dict, masked: bool, per_sequence: bool) -> torch.Tensor:
+    """keep [T, K] for the router's candidate `scores [T, K]`."""
+    T = scores.shape[0]
+    mask = _token_mask(T) if masked else None
+    bounds = _sequence_bounds(T) if per_sequence else None
+    if bounds is None or len(bounds) <= 2:
+        return slots_fn(scores, token_mask=mask, **kwargs)
+    parts = [
+        slots_fn(scores[a:b], token_mask=None if mask is None else mask[a:b], **kwargs)
+        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ]
+    return torch.cat(parts)
+
+
+def _routing_patch(router, orig, slots_fn, kwargs: dict, masked: bool, per_sequence: bool):
+    renormalize = bool(getattr(router, "renormalize", False))
+
+    def compute_routing(hidden_states, router_logits, indices_type, **kw):
+        weights, ids = orig(hidden_states, router_logits, indices_type, **kw)  # [T, K], [T, K]
+        probs = router_logits.float().softmax(dim=-1)  # [T, E]
+        scores = probs.gather(1, ids.long())  # [T, K] in the router's slot order
+        keep = _keep(slots_fn, scores, kwargs, masked, per_sequence)  # [T, K]
+        zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+        new_w = torch.where(keep, weights, zero)
+        if renormalize:
+            renormed = new_w / new_w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(new_w.dtype).tiny)
+            new_w = torch.where(keep.all(dim=-1, keepdim=True), weights, renormed)  # untouched rows stay bit-exact
+        new_ids = torch.where(keep, ids, torch.full_like(ids, DROPPED_ID))
+        return new_w.contiguous(), new_ids.contiguous()
+
+    return compute_routing
+
+
+def check_fits(plan: Plan, layers: list[VllmMoeLayer]) -> None:
+    """MoE layer indices, K_orig, K_l <= K_orig (the HF backend's rule) and one expert count for all layers."""
+    check_plan_fits(plan, layers)  # duck-typed: needs .index and .k_orig
+    experts = {m.num_experts for m in layers}
+    if len(experts) != 1:
+        raise AllocMoeError(f"the model's MoE layers disagree on the number of experts: {sorted(experts)}")
+    if plan.token_allocation == "alloc-t" and plan.k_base > plan.k_orig:
+        raise AllocMoeError(f"plan has k_base={plan.k_base} above the model's K_orig={plan.k_orig}")
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan) -> list[VllmMoeLayer]:
+    """Check `plan` against `model` and patch its routers (and, in the variable modes, its experts). Idempotent."""
+    if getattr(model, "_alloc_moe_applied", None) is not None:
+        return model._alloc_moe_applied
+    layers = moe_layers(model)
+    check_fits(plan, layers)
+    mode = plan.token_allocation
+    if mode == "topk":
+        for m, k in zip(layers, plan.k_per_layer):
+            m.router._alloc_moe_k_orig = m.k_orig
+            m.router.top_k = int(k)
+    else:
+        from .experts import patch_experts
+
+        slots_fn = TOKEN_METHODS[mode]
+        per_sequence = mode == "alloc-t" and alloc_t_scope() == "sequence"
+        for i, (m, k) in enumerate(zip(layers, plan.k_per_layer)):
+            if mode == "alloc-t":
+                if k == m.k_orig:
+                    continue  # every candidate is kept: the layer stays exactly the original one (as in HF)
+                kwargs = {"k_layer": float(k), "k_base": plan.k_base}
+            else:
+                kwargs = {"threshold": float(plan.thresholds[i])}
+            patch_experts(m)
+            m.router._alloc_moe_k_orig = m.k_orig
+            m.router._compute_routing = _routing_patch(
+                m.router, m.router._compute_routing, slots_fn, kwargs, mode == "alloc-t", per_sequence)
+    model._alloc_moe_applied = layers
+    return layers
+
+
+def remove_plan(model: torch.nn.Module) -> None:
+    """Undo `apply_plan` (eager engines only: a compiled graph keeps what it traced)."""
+    layers = getattr(model, "_alloc_moe_applied", None)
+    if layers is None:
+        return
+    from .experts import unpatch_experts
+
+    for m in layers:
+        if hasattr(m.router, "_alloc_moe_k_orig"):
+            m.router.top_k = m.router._alloc_moe_k_orig
+            del m.router._alloc_moe_k_orig
+        m.router.__dict__.pop("_compute_routing", None)
+        unpatch_experts(m)
+    del model._alloc_moe_applied
