@@ -74,7 +74,7 @@ def check_plan_for_model(model: str, plan: Plan) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..hf_backend import check_plan_fits, moe_layers
+    from ..moe_model import check_plan_fits, moe_layers
 
     try:
         config = AutoConfig.from_pretrained(model)

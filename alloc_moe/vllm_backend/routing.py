@@ -19,7 +19,7 @@ import re
 import torch
 
 from ..errors import AllocMoeError
-from ..hf_backend import check_plan_fits
+from ..moe_model import check_plan_fits
 from ..plan import Plan
 from ..token_alloc import TOKEN_METHODS
 
