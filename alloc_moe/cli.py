@@ -131,7 +131,7 @@ def _command_modules():
     """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("zoo", "synthetic", "profiling", "evaluate"):
+    for name in ("zoo", "synthetic", "profiling", "evaluate", "latency", "load_balance"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:

@@ -89,6 +89,30 @@ def check_plan_fits(plan: Plan, layers: list[MoeLayer]) -> None:
             raise AllocMoeError(f"plan gives layer {m.index} K={k}, above the model's K_orig={m.k_orig}")
 
 
+def check_plans_fit_model_dir(model_path: str, plans: list[tuple[str, "Plan | None"]]) -> None:
+    """Every (label, plan) fits the model in directory `model_path`, checked on a parameter-free (meta device)
+    copy built from its config, so that a wrong plan fails before any weight is loaded. A hub id is skipped
+    (`apply` checks after loading)."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(model_path):
+        return
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AllocMoeError(f"cannot read the model config in {model_path}: {str(e).strip().splitlines()[0]}") from None
+    with torch.device("meta"):
+        layers = moe_layers(AutoModelForCausalLM.from_config(config, trust_remote_code=False))
+    for label, plan in plans:
+        if plan is not None:
+            try:
+                check_plan_fits(plan, layers)
+            except AllocMoeError as e:
+                raise AllocMoeError(f"plan {label} does not fit {model_path}: {e}") from None
+
+
 def _span(xs: list[int]) -> str:
     return f"{xs[0]}..{xs[-1]} ({len(xs)} layers)" if xs == list(range(xs[0], xs[-1] + 1)) else str(xs)
 
@@ -233,7 +257,8 @@ def _attach_stats(handle: AppliedPlan, layers: list[MoeLayer]) -> None:
 
         def on_experts(experts, args, kwargs, m=m):
             index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            st.observe_experts(m.index, index, m.num_experts, m.k_orig)
+            weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
+            st.observe_experts(m.index, index, m.num_experts, m.k_orig, weights)
 
         # registered after the allocation hook, so the router hook sees the final routing
         handle._handles.append(m.gate.register_forward_hook(on_router))
