@@ -345,3 +345,18 @@ def _cmd_latency(args) -> int:
             for ph, d in e["phases"].items()))
     print(f"wrote {args.out}")
     return 0
+
+
+def speedup_frame(summary: dict, model: str | None = None):
+    """One row per (plan, phase) of a latency summary: method, budget, median ms, speedup, ideal speedup."""
+    import pandas as pd
+
+    rows = []
+    for e in summary["plans"]:
+        method = ORIGINAL if e["layer_method"] == ORIGINAL else f"{e['layer_method']}+{e['token_allocation']}"
+        for phase, d in e["phases"].items():
+            rows.append({"model": model or summary.get("model"), "plan": e["plan"], "method": method,
+                         "layer_method": e["layer_method"], "token_allocation": e["token_allocation"],
+                         "budget": e["budget"], "phase": phase, "median_ms": d["median_ms"], "speedup": d["speedup"],
+                         "ideal_speedup": d.get("ideal_speedup")})
+    return pd.DataFrame(rows)
