@@ -3,31 +3,16 @@
 
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+from test_workflow import ROOT, SNAKEMAKE, TINY  # the end-to-end workflow test's tiny config
 
-CONFIG = """
-models:
-  tiny:
-    make: {arch: olmoe, layers: 3, router_std: 1.0, seed: 0}
-    budgets: [4, 5]
-corpus: {calibration_seed: 1, evaluation_seed: 2, docs_per_family: 8}
-profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
-evaluation: {seq_len: 32, max_tokens: 512, batch_size: 4}
-methods:
-  - {layer: uniform, token: topk}
-  - {layer: uniform, token: alloc-t}
-exact_budget: true
-threads: 1
+CONFIG = TINY + """
 latency: {device: cpu, dtype: float32, batch: 2, prompt: 8, decode: 2, warmup: 0, runs: 2}
-load_balance: {figure_plan: uniform__alloc-t__B4}
+load_balance: {figure_plan: alloc-l__alloc-t__B4}
 """
 
 SNAKEFILE = """
@@ -84,9 +69,9 @@ def test_stages_write_their_tables(work):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lat = pd.read_csv(work / "results/summary/latency.csv")
     assert set(lat["phase"]) == {"prefill", "decode"} and set(lat["model"]) == {"tiny"}
-    assert len(lat) == 5 * 2  # original + 4 plans, two phases
+    assert len(lat) == 7 * 2  # original + 3 methods x 2 budgets, two phases
     lb = pd.read_csv(work / "results/summary/load_balance.csv")
-    assert set(lb["plan"]) == {"uniform__topk__B4", "uniform__topk__B5", "uniform__alloc-t__B4", "uniform__alloc-t__B5"}
+    assert set(lb["plan"]) == {f"{m}__B{b}" for m in ("uniform__topk", "alloc-l__alloc-t", "lexi__topk") for b in (4, 5)}
     per_token = lb[lb.metric == "experts_per_token"].groupby("plan")["value"].mean()  # realised budget / layers
     for plan, value in per_token.items():
         assert value == pytest.approx(int(plan.rsplit("B", 1)[1]) / 3, abs=0.01)
