@@ -44,7 +44,7 @@ def speedup_vs_budget(df: pd.DataFrame, path: str | Path, title: str = "") -> No
                     facet_kws={"sharey": False})
     for phase, ax in g.axes_dict.items():
         ideal = data[data["phase"] == phase].groupby("budget")["ideal_speedup"].mean()
-        ax.plot(ideal.index, ideal.values, "k--", lw=1, label="ideal (experts only)")
+        ax.plot(ideal.index, ideal.values, "k--", marker="_", ms=14, lw=1, label="ideal (experts only)")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.legend(loc="upper right", fontsize=7)
     g.set_axis_labels("global budget B (activations per token)", "speedup vs original")
