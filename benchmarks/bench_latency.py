@@ -20,7 +20,7 @@ from alloc_moe import build_plan
 from alloc_moe.data import load_calibration, tokenize_windows
 from alloc_moe.hf_backend import moe_layers
 from alloc_moe.io import atomic_write_text
-from alloc_moe.latency import Protocol, measure_hf, summarize
+from alloc_moe.latency import Protocol, measure_hf, summarize, write_rows
 from alloc_moe.profiling import profile_perplexity
 from alloc_moe.provenance import environment
 from alloc_moe.synthetic import make_corpus
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--out", default=None, help="also write the report (markdown) here")
+    ap.add_argument("--csv", default=None, help="also write the per-run rows (latency CSV) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -68,7 +69,9 @@ def main() -> None:
     protocol = Protocol(batch=args.batch, prompt=args.prompt, decode=args.decode, warmup=args.warmup, runs=args.runs,
                         threads=args.threads)
     result = measure_hf(model, plans, protocol)
-    _, s = summarize(result, plans)
+    rows, s = summarize(result, plans)
+    if args.csv:
+        write_rows(rows, args.csv)
     by = {e["plan"]: e for e in s["plans"]}
     ref = by["Uniform top-k"]["phases"]["decode"]["speedup_min"]
 
