@@ -201,7 +201,8 @@ def _cmd_load_balance(args) -> int:
         write_csv(loads, args.loads)
     if args.tokens:
         write_csv(tokens, args.tokens)
-    wide = metrics.pivot_table(index="plan", columns="metric", values="value", aggfunc="mean", sort=False)
+    wide = metrics.pivot_table(index="plan", columns="metric", values="value", aggfunc="mean", sort=False).reindex(
+        columns=["spearman", "entropy_delta", "js_divergence", "experts_per_token", "experts_entropy_spearman"])  # all-NaN kept
     for label, row in wide.iterrows():
         print(f"  {label:<28} spearman {row['spearman']:.3f}  entropy delta {row['entropy_delta']:+.4f}  "
               f"JS {row['js_divergence']:.4f}  experts/token {row['experts_per_token']:.2f}  "

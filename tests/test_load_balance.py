@@ -114,20 +114,22 @@ def test_cli_writes_tidy_tables(tmp_path):
     model_dir = tmp_path / "m"
     model = zoo.write_model(model_dir, arch="olmoe", layers=2, router_std=1.0, overrides={"num_experts_per_tok": 4})
     plan_for(model, [2, 2], "alloc-t").save(tmp_path / "t.json")
+    plan_for(model, [2, 2], "topk").save(tmp_path / "k.json")  # experts_entropy_spearman all NaN: still printed
     calib = tmp_path / "c.txt"
     calib.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     out, loads, tokens = tmp_path / "lb.csv", tmp_path / "loads.csv", tmp_path / "tok.csv"
     rc = main(["load-balance", "--model", str(model_dir), "--calib", str(calib), "--seq-len", "16", "--plans",
-               str(tmp_path / "t.json"), "--model-name", "tiny", "--no-progress", "--out", str(out),
+               str(tmp_path / "t.json"), str(tmp_path / "k.json"), "--model-name", "tiny", "--no-progress", "--out", str(out),
                "--loads", str(loads), "--tokens", str(tokens)])
     assert rc == 0
     df = pd.read_csv(out)
     assert list(df.columns) == ["model", "plan", "layer_method", "token_allocation", "budget", "layer", "metric", "value"]
     assert set(df["metric"]) == {"spearman", "entropy_original", "entropy_plan", "entropy_delta", "js_divergence",
                                  "js_divergence_weighted", "experts_per_token", "experts_entropy_spearman"}
-    assert set(df["layer"]) == {0, 1} and set(df["model"]) == {"tiny"} and set(df["plan"]) == {"t"}
+    assert set(df["layer"]) == {0, 1} and set(df["model"]) == {"tiny"} and set(df["plan"]) == {"t", "k"}
+    assert df[(df.plan == "k") & (df.metric == "experts_entropy_spearman")]["value"].isna().all()
     ld = pd.read_csv(loads)
-    assert set(ld["plan"]) == {"original", "t"} and len(ld) == 2 * 2 * 8
+    assert set(ld["plan"]) == {"original", "t", "k"} and len(ld) == 3 * 2 * 8
     tk = pd.read_csv(tokens)
     assert tk.groupby(["plan", "layer"])["tokens"].sum().nunique() == 1  # every run routes the same tokens
 
@@ -142,3 +144,13 @@ def test_cli_bad_plan_before_loading(tmp_path, capsys, monkeypatch):
                str(tmp_path / "p.json"), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_with_only_topk_plans(tmp_path):
+    """experts_entropy_spearman is NaN for every row (constant counts): the summary still prints."""
+    model = zoo.write_model(tmp_path / "m", arch="olmoe", layers=2, router_std=1.0, overrides={"num_experts_per_tok": 4})
+    plan_for(model, [2, 2], "topk").save(tmp_path / "k.json")
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    rc = main(["load-balance", "--model", str(tmp_path / "m"), "--calib", str(tmp_path / "c.txt"), "--seq-len", "16",
+               "--plans", str(tmp_path / "k.json"), "--no-progress", "--out", str(tmp_path / "lb.csv")])
+    assert rc == 0
