@@ -298,6 +298,7 @@ def _cmd_eval(args) -> int:
     import torch
 
     from .loading import DTYPES
+    from .moe_model import check_plans_fit_model_dir
 
     plans_in = args.plan or ["original"]
     if len(args.out) != len(plans_in):
@@ -313,7 +314,7 @@ def _cmd_eval(args) -> int:
     if args.dtype not in ("auto", *DTYPES):
         raise AllocMoeError(f"unknown dtype {args.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
     plans = [None if p == "original" else Plan.load(p) for p in plans_in]
-    _check_plans_against_model(args.model, [p for p in plans if p is not None])
+    check_plans_fit_model_dir(args.model, list(zip(plans_in, plans)))
     tasks = resolve_tasks(args.tasks, args.include_path)
     if args.perplexity is not None:
         from .data import load_calibration
@@ -334,23 +335,3 @@ def _cmd_eval(args) -> int:
         print(f"{head['layer_method']} x {head['token_allocation']} B={head['budget']:g}: " + ", ".join(
             f"{g['group']} {g['value']:.2f} +- {g['stderr']:.2f}" for g in res["groups"]))
     return 0
-
-
-def _check_plans_against_model(model: str, plans: list[Plan]) -> None:
-    """A plan for another model fails here, from the model's config alone (no weights loaded)."""
-    if not plans:
-        return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .moe_model import check_plan_fits, moe_layers
-
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise AllocMoeError(f"cannot read the config of model {model!r}: {str(e).strip().splitlines()[0]}") from None
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    layers = moe_layers(skeleton)
-    for p in plans:
-        check_plan_fits(p, layers)

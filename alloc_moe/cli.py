@@ -29,7 +29,8 @@ def _command_modules():
     """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("plan_cli", "zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy", "regress"):
+    for name in ("plan_cli", "zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy",
+                 "latency", "load_balance", "regress"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:

@@ -163,7 +163,8 @@ def _attach_stats(handle: AppliedPlan, layers: list[MoeLayer]) -> None:
 
         def on_experts(experts, args, kwargs, m=m):
             index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            st.observe_experts(m.index, index, m.num_experts, m.k_orig)
+            weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
+            st.observe_experts(m.index, index, m.num_experts, m.k_orig, weights)
 
         # registered after the allocation hook, so the router hook sees the final routing
         handle._handles.append(m.gate.register_forward_hook(on_router))

@@ -182,3 +182,20 @@ def build_plan(
         token_allocation=token_allocation, k_base=k_base if token_allocation == "alloc-t" else 1,
         thresholds=thresholds, normalization=normalization, provenance=provenance or {},
     )
+
+
+ORIGINAL = "original"
+
+
+def labelled_plans(paths: list[str]) -> list[tuple[str, "Plan | None"]]:
+    """'original' or plan JSON paths -> [(label, Plan | None)], the original first (added when not given).
+
+    Labels are file stems, or the paths when stems clash; each plan (and 'original') may be given once.
+    """
+    out = [(ORIGINAL, None) if p == ORIGINAL else (Path(p).stem, Plan.load(p)) for p in paths]
+    if len({label for label, _ in out}) != len(out):
+        out = [(ORIGINAL, None) if p == ORIGINAL else (str(p), plan) for p, (_, plan) in zip(paths, out)]
+        if len({label for label, _ in out}) != len(out):
+            raise AllocMoeError("each plan may be given once (and 'original' once)")
+    original = [x for x in out if x[1] is None]
+    return (original or [(ORIGINAL, None)]) + [x for x in out if x[1] is not None]

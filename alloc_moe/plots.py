@@ -59,3 +59,88 @@ def group_scores_vs_budget(g: pd.DataFrame, methods: list[str], path: str | Path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def speedup_vs_budget(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Fig. 5: measured speedup vs the original against the global budget, prefill and decode panels, with the ideal
+    (only the expert GEMMs shrink) as a dashed line. `df`: `latency.speedup_frame` rows (phase, method, budget,
+    speedup, ideal_speedup)."""
+    data = df[df["method"] != "original"].sort_values("budget")
+    sns.set_theme(style="whitegrid", context="paper")
+    g = sns.relplot(data=data, x="budget", y="speedup", hue="method", style="method", col="phase", kind="line",
+                    markers=True, dashes=False, height=3.0, aspect=1.1, col_order=["prefill", "decode"],
+                    facet_kws={"sharey": False})
+    for phase, ax in g.axes_dict.items():
+        ideal = data[data["phase"] == phase].groupby("budget")["ideal_speedup"].mean()
+        ax.plot(ideal.index, ideal.values, "k--", marker="_", ms=14, lw=1, label="ideal (experts only)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.legend(loc="upper right", fontsize=7)
+    g.set_axis_labels("global budget B (activations per token)", "speedup vs original")
+    if title:
+        g.figure.suptitle(title, y=1.03)
+    _save(g.figure, path)
+
+
+def expert_load(loads: pd.DataFrame, path: str | Path, *, plan: str, layer: int, title: str = "") -> None:
+    """Fig. 7: one layer's per-expert load (computed pairs), original vs `plan`."""
+    data = loads[(loads["layer"] == layer) & loads["plan"].isin(["original", plan])]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    sns.barplot(data=data, x="expert", y="load", hue="plan", hue_order=["original", plan], ax=ax, dodge=True)
+    ax.set_xlabel(f"expert (MoE layer at decoder index {layer})")
+    ax.set_ylabel("token-expert pairs computed")
+    ax.set_xticks(ax.get_xticks()[::8])
+    ax.set_title(title or f"expert load, layer {layer}: original vs {plan}")
+    _save(fig, path)
+
+
+def load_balance_by_layer(metrics: pd.DataFrame, path: str | Path, *, plan: str, title: str = "") -> None:
+    """Fig. 8: per-layer Spearman rank correlation of expert loads, normalised-entropy delta and JS divergence."""
+    names = {"spearman": "Spearman (loads)", "entropy_delta": "normalised entropy delta", "js_divergence": "JS divergence (bits)"}
+    data = metrics[(metrics["plan"] == plan) & metrics["metric"].isin(names)].replace({"metric": names})
+    sns.set_theme(style="whitegrid", context="paper")
+    g = sns.relplot(data=data, x="layer", y="value", col="metric", hue="metric", kind="line", marker="o",
+                    col_order=list(names.values()), height=2.6, aspect=1.1, facet_kws={"sharey": False}, legend=False)
+    g.set_titles("{col_name}")
+    g.set_axis_labels("decoder layer", "")
+    g.figure.suptitle(title or f"load balance, original vs {plan}", y=1.04)
+    _save(g.figure, path)
+
+
+def plan_allocation(plan, path: str | Path, title: str = "") -> None:
+    """Fig. 12a: a plan's K per MoE layer, with the uniform share B / L as a dashed line."""
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    sns.barplot(x=[str(i) for i in plan.moe_layers], y=plan.k_per_layer, color="C0", ax=ax)
+    ax.axhline(plan.budget / plan.num_layers, color="k", ls="--", lw=1, label=f"uniform B/L = {plan.budget / plan.num_layers:g}")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("K (experts per token)")
+    ax.set_ylim(0, plan.k_orig)
+    ax.legend(fontsize=7)
+    ax.set_title(title or f"{plan.layer_method} x {plan.token_allocation}, B = {plan.budget:g}")
+    _save(fig, path)
+
+
+def experts_vs_entropy(tokens: pd.DataFrame, path: str | Path, *, plan: str, layer: int | None = None, title: str = "") -> None:
+    """Fig. 12b: routing entropy of tokens by the number of experts they were given (median and interquartile range).
+    `tokens`: the load-balance token table (plan, layer, experts, tokens, entropy quartiles); `layer` None = all."""
+    data = tokens[tokens["plan"] == plan]
+    data = data if layer is None else data[data["layer"] == layer]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for i, (lay, d) in enumerate(data.groupby("layer")):
+        d = d.sort_values("experts")
+        x = d["experts"] + (i - data["layer"].nunique() / 2) * 0.04
+        ax.errorbar(x, d["entropy_median"], yerr=[d["entropy_median"] - d["entropy_q25"], d["entropy_q75"] - d["entropy_median"]],
+                    marker="o", ms=3, lw=1, capsize=2, label=f"layer {lay}")
+    ax.set_xlabel("experts computed for the token")
+    ax.set_ylabel("routing entropy (nats)")
+    if data["layer"].nunique() <= 8:
+        ax.legend(fontsize=6)
+    ax.set_title(title or f"{plan}: experts per token vs routing entropy")
+    _save(fig, path)

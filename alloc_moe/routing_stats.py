@@ -5,6 +5,8 @@ Recorded per MoE layer (decoder index):
 - `tokens`: tokens routed, `loads [E]`: computed pairs per expert,
 - `per_token [K_orig + 1]`: histogram of experts computed per token,
 - `entropy_sum`: summed routing entropy (nats) of each token's full softmax,
+- optionally (`record_tokens`) `weighted_loads [E]`: summed routing weights of the computed pairs per expert, and
+  `token_counts`: every token's computed-expert count, in the order `entropy` (`record_entropy`) lists tokens,
 - optionally `scores`: each token's top-K_orig routing probabilities (sorted), for threshold calibration.
 """
 
@@ -17,10 +19,14 @@ from .io import atomic_path
 
 
 class RoutingStats:
-    def __init__(self, record_scores: bool = False, max_scores_per_layer: int | None = None, record_entropy: bool = False):
+    def __init__(self, record_scores: bool = False, max_scores_per_layer: int | None = None, record_entropy: bool = False,
+                 record_tokens: bool = False):
         self.record_scores = record_scores
         self.max_scores_per_layer = max_scores_per_layer
         self.record_entropy = record_entropy
+        self.record_tokens = record_tokens
+        self.weighted_loads: dict[int, torch.Tensor] = {}
+        self.token_counts: dict[int, list[torch.Tensor]] = {}
         self.pairs: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, int] = {}
         self.loads: dict[int, torch.Tensor] = {}
@@ -30,7 +36,7 @@ class RoutingStats:
         self.scores: dict[int, list[torch.Tensor]] = {}
 
     def reset(self) -> None:
-        self.__init__(self.record_scores, self.max_scores_per_layer, self.record_entropy)
+        self.__init__(self.record_scores, self.max_scores_per_layer, self.record_entropy, self.record_tokens)
 
     # called from the hooks
     def observe_router(self, layer: int, logits: torch.Tensor, k_orig: int) -> None:
@@ -44,7 +50,8 @@ class RoutingStats:
             if self.max_scores_per_layer is None or kept < self.max_scores_per_layer:
                 self.scores.setdefault(layer, []).append(probs.topk(k_orig, dim=-1).values.detach().cpu())
 
-    def observe_experts(self, layer: int, top_k_index: torch.Tensor, num_experts: int, k_orig: int) -> None:
+    def observe_experts(self, layer: int, top_k_index: torch.Tensor, num_experts: int, k_orig: int,
+                        top_k_weights: torch.Tensor | None = None) -> None:
         valid = top_k_index < num_experts  # [T, K] sentinel slots are not computed
         T = top_k_index.shape[0]
         n = valid.sum(dim=-1)  # [T]
@@ -55,6 +62,11 @@ class RoutingStats:
         self.tokens[layer] = self.tokens.get(layer, 0) + T
         self.loads[layer] = self.loads.get(layer, 0) + loads[:num_experts]
         self.per_token[layer] = self.per_token.get(layer, 0) + hist
+        if self.record_tokens and top_k_weights is not None:
+            w = torch.where(valid, top_k_weights.float(), 0.0).flatten()  # [T*K]
+            wl = torch.zeros(num_experts + 1, dtype=torch.float64, device=idx.device).index_add_(0, idx, w.double())
+            self.weighted_loads[layer] = self.weighted_loads.get(layer, 0) + wl[:num_experts]
+            self.token_counts.setdefault(layer, []).append(n.detach().cpu())
 
     # read-out (host sync happens here, once)
     def computed_pairs(self) -> dict[int, int]:

@@ -8,7 +8,7 @@ import pytest
 
 from alloc_moe import synthetic as syn
 from alloc_moe.tasks import GROUPS, group_scores, suite
-from alloc_moe.tasks import embedded, paper
+from alloc_moe.tasks import embedded
 
 
 @pytest.mark.parametrize("task", list(embedded.ITEMS))

@@ -71,18 +71,9 @@ def engine_record(kwargs: dict) -> dict:
 
 def check_plan_for_model(model: str, plan: Plan) -> None:
     """Check the plan against the checkpoint's config before any engine starts (one line on mismatch)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from ..moe_model import check_plans_fit_model_dir
 
-    from ..moe_model import check_plan_fits, moe_layers
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise AllocMoeError(f"cannot read the model config of {model!r}: {str(e).splitlines()[0]}") from None
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(config)
-    check_plan_fits(plan, moe_layers(hf))
+    check_plans_fit_model_dir(model, [("plan", plan)])
 
 
 @contextlib.contextmanager

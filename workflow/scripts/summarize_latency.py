@@ -1,0 +1,13 @@
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+
+import json
+
+import pandas as pd
+
+from alloc_moe.latency import speedup_frame
+from alloc_moe.summary import write_csv
+
+frames = [speedup_frame(json.loads(open(path).read()), model=model) for model, path in zip(snakemake.params.models, snakemake.input)]
+write_csv(pd.concat(frames, ignore_index=True), snakemake.output[0])
