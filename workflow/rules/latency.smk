@@ -1,55 +1,55 @@
-# Latency stage (paper 4.2 / Fig. 5, Appendix A.2): prefill and decode latency of the original model and its plans,
+# Latency (paper 4.2 / Fig. 5, Appendix A.2): prefill and decode latency of the original model and its plans,
 # interleaved run by run in one process, with the ideal speedup (only the expert GEMMs shrink) next to it.
-# Settings: the top-level `latency:` config key (see the README's latency section for the schema).
-_LAT = config.get("latency", {})
-_LAT_DEVICE = str(_LAT.get("device", "cpu"))
+# Settings: the top-level `latency:` config key. The embedded default runs a short protocol on CPU.
+LAT = config.get("latency", {})
+LAT_DEVICE = str(LAT.get("device", "cpu"))
+LAT_METHODS = LAT.get("methods", [{"layer": "uniform", "token": "topk"}, {"layer": "lexi", "token": "topk"},
+                                  {"layer": "alloc-l", "token": "alloc-t"}])
 
 
-def _latency_plans(wildcards):
-    ids = _LAT.get("plans") or plan_ids(wildcards.model)
-    return expand("results/{model}/plans/{plan}.json", model=wildcards.model, plan=ids)
+def latency_plans(run):
+    ids = [plan_id(m["layer"], m["token"], K_BASE, _calib_of(m["layer"], m["token"]), b)
+           for b in spec_of(run)["budgets"] for m in LAT_METHODS]
+    return [f"results/{run}/plans/{p}.json" for p in dict.fromkeys(ids)]
 
 
 rule latency:
     input:
         model_input,
-        plans=_latency_plans,
+        plans=lambda wc: latency_plans(wc.run),
     output:
-        table="results/{model}/latency/latency.csv",
-        summary="results/{model}/latency/latency.json",
+        table="results/{run}/latency/latency.csv",
+        summary="results/{run}/latency/latency.json",
     params:
         model=model_dir,
-        backend=_LAT.get("backend", "hf"),
-        batch=_LAT.get("batch", 8),
-        prompt=_LAT.get("prompt", 32),
-        decode=_LAT.get("decode", 128),
-        warmup=_LAT.get("warmup", 5),
-        runs=_LAT.get("runs", 10),
-        device=_LAT_DEVICE,
-        dtype=_LAT.get("dtype", "auto"),
-        pkg=PKG,
-    threads: THREADS
+        backend=lambda wc: LAT.get("backend", spec_of(wc.run).get("backend", "hf")),
+        protocol=" ".join(f"--{k} {LAT.get(k, d)}" for k, d in
+                          [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
+        device=LAT_DEVICE,
+        dtype=LAT.get("dtype", "auto"),
+        code=code("alloc_moe.latency"),
+    threads: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
-        gpu=1 if _LAT_DEVICE.startswith("cuda") else 0,
+        gpu=1 if LAT_DEVICE.startswith("cuda") else 0,
     log:
-        "results/{model}/logs/latency.log",
+        "results/{run}/logs/latency.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe latency --model {params.model} --plans original {input.plans} --backend {params.backend} "
-        "--batch {params.batch} --prompt {params.prompt} --decode {params.decode} --warmup {params.warmup} "
-        "--runs {params.runs} --device {params.device} --dtype {params.dtype} --threads {threads} "
+        "{params.protocol} --device {params.device} --dtype {params.dtype} --threads {threads} "
         "--out {output.table} --summary {output.summary} > {log} 2>&1"
 
 
 rule summarize_latency:
     input:
-        expand("results/{model}/latency/latency.json", model=MODELS),
+        [f"results/{run}/latency/latency.json" for run in RUNS],
     output:
         "results/summary/latency.csv",
     params:
-        models=MODELS,
-        pkg=PKG,
+        models=[RUNS[run][0] for run in RUNS],
+        seeds=[RUNS[run][1] for run in RUNS],
+        code=code("workflow/scripts/summarize_latency.py"),
     log:
         "results/logs/summarize_latency.log",
     conda:
@@ -60,13 +60,14 @@ rule summarize_latency:
 
 rule plot_latency:
     input:
-        "results/{model}/latency/latency.json",
+        "results/{run}/latency/latency.json",
     output:
-        "results/{model}/figures/speedup_vs_budget.png",
+        report("results/{run}/figures/speedup_vs_budget.png", caption="../report/latency.rst", category="Latency",
+               labels={"figure": "fig5", "run": "{run}"}),
     params:
-        pkg=PKG,
+        code=code("workflow/scripts/plot_latency.py"),
     log:
-        "results/{model}/logs/plot_latency.log",
+        "results/{run}/logs/plot_latency.log",
     conda:
         "../../envs/alloc-moe.yaml"
     script:

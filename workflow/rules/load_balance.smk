@@ -1,44 +1,43 @@
-# Load-balance stage (paper 4.4 / Figs. 7, 8; 4.5 / Fig. 12): per-layer expert-load fidelity of each plan vs the
-# original on the evaluation text, and Alloc-T's experts per token vs routing entropy.
-# Settings: the top-level `load_balance:` config key (see the README's latency section for the schema).
-_LB = config.get("load_balance", {})
-_LB_EVAL = config["evaluation"]
+# Load balance (paper 4.4 / Figs. 7, 8; 4.5 / Fig. 12): per-layer expert-load fidelity of each plan vs the original
+# on the held-out text, and Alloc-T's experts per token vs routing entropy. Settings: the `load_balance:` config key.
+LB = config.get("load_balance", {})
 
 
-def _load_balance_plans(wildcards):
-    ids = _LB.get("plans") or plan_ids(wildcards.model)
-    return expand("results/{model}/plans/{plan}.json", model=wildcards.model, plan=ids)
+def lb_plans(run):
+    ids = LB.get("plans") or plan_ids(run)
+    return [f"results/{run}/plans/{p}.json" for p in ids]
 
 
-def _figure_plan(wildcards):
-    """The plan the per-plan figures show: `load_balance.figure_plan`, else the first plan of the stage."""
-    plan = _LB.get("figure_plan") or (_LB.get("plans") or plan_ids(wildcards.model))[0]
-    return f"results/{wildcards.model}/plans/{plan}.json"
+def lb_figure_plan(run):
+    """The plan the per-plan figures show: `load_balance.figure_plan` (a plan id), else Alloc-MoE at the lowest budget."""
+    b = min(spec_of(run)["budgets"])
+    plan = LB.get("figure_plan") or plan_id("alloc-l", "alloc-t", K_BASE, CAL_DEFAULT, b)
+    return f"results/{run}/plans/{plan}.json"
 
 
 rule load_balance:
     input:
         model_input,
-        corpus_input("evaluation"),
-        plans=_load_balance_plans,
+        text=[EVAL_TEXT] if EVAL_TEXT.startswith("results/") or os.path.exists(EVAL_TEXT) else [],
+        plans=lambda wc: lb_plans(wc.run),
     output:
-        metrics="results/{model}/load_balance/metrics.csv",
-        loads="results/{model}/load_balance/loads.csv",
-        tokens="results/{model}/load_balance/tokens.csv",
+        metrics="results/{run}/load_balance/metrics.csv",
+        loads="results/{run}/load_balance/loads.csv",
+        tokens="results/{run}/load_balance/tokens.csv",
     params:
         model=model_dir,
-        data=corpus_file("evaluation"),
-        seq_len=_LB.get("seq_len", _LB_EVAL["seq_len"]),
-        max_tokens=_LB.get("max_tokens", _LB_EVAL["max_tokens"]),
-        batch_size=_LB.get("batch_size", _LB_EVAL["batch_size"]),
-        pkg=PKG,
-    threads: THREADS
+        name=lambda wc: RUNS[wc.run][0],
+        seq_len=LB.get("seq_len", EVAL.get("seq_len", 64)),
+        max_tokens=LB.get("max_tokens", 8192),
+        batch_size=LB.get("batch_size", 16),
+        code=code("alloc_moe.load_balance"),
+    threads: 1
     log:
-        "results/{model}/logs/load_balance.log",
+        "results/{run}/logs/load_balance.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe load-balance --model {params.model} --model-name {wildcards.model} --calib {params.data} "
+        "alloc-moe load-balance --model {params.model} --model-name {params.name} --calib " + EVAL_TEXT + " "
         "--seq-len {params.seq_len} --max-tokens {params.max_tokens} --batch-size {params.batch_size} "
         "--threads {threads} --no-progress --plans {input.plans} --out {output.metrics} --loads {output.loads} "
         "--tokens {output.tokens} > {log} 2>&1"
@@ -46,11 +45,11 @@ rule load_balance:
 
 rule summarize_load_balance:
     input:
-        expand("results/{model}/load_balance/metrics.csv", model=MODELS),
+        [f"results/{run}/load_balance/metrics.csv" for run in RUNS],
     output:
         "results/summary/load_balance.csv",
     params:
-        pkg=PKG,
+        code=code("workflow/scripts/summarize_load_balance.py"),
     log:
         "results/logs/summarize_load_balance.log",
     conda:
@@ -61,20 +60,24 @@ rule summarize_load_balance:
 
 rule plot_load_balance:
     input:
-        metrics="results/{model}/load_balance/metrics.csv",
-        loads="results/{model}/load_balance/loads.csv",
-        tokens="results/{model}/load_balance/tokens.csv",
-        plan=_figure_plan,
+        metrics="results/{run}/load_balance/metrics.csv",
+        loads="results/{run}/load_balance/loads.csv",
+        tokens="results/{run}/load_balance/tokens.csv",
+        plan=lambda wc: lb_figure_plan(wc.run),
     output:
-        loads="results/{model}/figures/expert_load.png",
-        layers="results/{model}/figures/load_balance_by_layer.png",
-        allocation="results/{model}/figures/plan_allocation.png",
-        entropy="results/{model}/figures/experts_vs_entropy.png",
+        loads=report("results/{run}/figures/expert_load.png", caption="../report/load_balance.rst",
+                     category="Load balance", labels={"figure": "fig7", "run": "{run}"}),
+        layers=report("results/{run}/figures/load_balance_by_layer.png", caption="../report/load_balance.rst",
+                      category="Load balance", labels={"figure": "fig8", "run": "{run}"}),
+        allocation=report("results/{run}/figures/plan_allocation.png", caption="../report/load_balance.rst",
+                          category="Load balance", labels={"figure": "fig12a", "run": "{run}"}),
+        entropy=report("results/{run}/figures/experts_vs_entropy.png", caption="../report/load_balance.rst",
+                       category="Load balance", labels={"figure": "fig12b", "run": "{run}"}),
     params:
-        layer=_LB.get("figure_layer"),
-        pkg=PKG,
+        layer=LB.get("figure_layer"),
+        code=code("workflow/scripts/plot_load_balance.py"),
     log:
-        "results/{model}/logs/plot_load_balance.log",
+        "results/{run}/logs/plot_load_balance.log",
     conda:
         "../../envs/alloc-moe.yaml"
     script:

@@ -8,5 +8,5 @@ from alloc_moe.latency import speedup_frame
 from alloc_moe.plots import speedup_vs_budget
 
 summary = json.loads(open(snakemake.input[0]).read())
-title = f"{snakemake.wildcards.model} ({summary['device']}, {summary['dtype']})"
+title = f"{snakemake.wildcards.run} ({summary['device']}, {summary['dtype']})"
 speedup_vs_budget(speedup_frame(summary), snakemake.output[0], title=title)

@@ -9,5 +9,6 @@ import pandas as pd
 from alloc_moe.latency import speedup_frame
 from alloc_moe.summary import write_csv
 
-frames = [speedup_frame(json.loads(open(path).read()), model=model) for model, path in zip(snakemake.params.models, snakemake.input)]
+frames = [speedup_frame(json.loads(open(path).read()), model=model).assign(seed=seed)
+          for model, seed, path in zip(snakemake.params.models, snakemake.params.seeds, snakemake.input)]
 write_csv(pd.concat(frames, ignore_index=True), snakemake.output[0])
