@@ -149,7 +149,19 @@ def resolve_tasks(tasks: str, include_path: str | None = None) -> list[tuple[Tas
 def _task_manager(include_path: str | None, defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path, include_defaults=defaults)
+    class ReusingTaskManager(TaskManager):
+        """Loads a task list once per process: every plan of `evaluate` reuses the task objects (lm-eval rebuilds
+        their requests at each evaluation), instead of re-reading the datasets per plan."""
+
+        _loaded: dict = {}
+
+        def load(self, tasks):
+            key = json.dumps(tasks, sort_keys=True, default=str)
+            if key not in self._loaded:
+                self._loaded[key] = super().load(tasks)
+            return self._loaded[key]
+
+    return ReusingTaskManager(include_path=include_path, include_defaults=defaults)
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------
