@@ -53,7 +53,8 @@ def group_scores_vs_budget(g: pd.DataFrame, methods: list[str], path: str | Path
         ax.set_xlabel("global budget B")
         ax.set_ylabel("score (points)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.08), frameon=False)
+    fig.subplots_adjust(wspace=0.35)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, -0.02), frameon=False)
     if title:
         fig.suptitle(title, y=1.02)
     with atomic_path(path) as tmp:
