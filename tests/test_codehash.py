@@ -116,7 +116,7 @@ def test_import_forms_on_a_synthetic_package(tmp_path):
 
 
 def test_workflow_script_as_entry():
-    script = ROOT / "workflow/scripts/summarize_perplexity.py"
+    script = ROOT / "workflow/scripts/summarize.py"
     closure = module_closure([str(script)])
     assert {"alloc_moe.summary", "alloc_moe.provenance", "alloc_moe.io"} <= set(closure)
     assert "alloc_moe.hf_backend" not in closure

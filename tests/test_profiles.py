@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 PLUGINS = {"slurm": ["snakemake_executor_plugin_slurm"],
            "kubernetes": ["snakemake_executor_plugin_kubernetes", "snakemake_storage_plugin_fs"]}
-GPU_RULES = {"profile_ppl", "profile_lexi", "ppl_original", "ppl_plan"}
+GPU_RULES = {"train", "profile_ppl", "profile_lexi", "routing_scores", "latency", "load_balance"}
 
 
 def _dry_run(profile: str, workdir: Path, *extra: str) -> str:
@@ -57,8 +57,8 @@ def test_profile_loads_and_maps_gpu_memory_runtime(profile, tmp_path):
     for rule, r in res.items():
         assert r["gpu"] == ("1" if rule in GPU_RULES else "0"), (rule, r)
         assert int(r["mem_mb"]) > 0 and int(r["runtime"]) > 0, (rule, r)
-    assert res["profile_ppl"]["runtime"] == "240" and res["ppl_plan"]["mem_mb"] == "64000"
+    assert res["profile_ppl"]["runtime"] == "240" and res["train"]["mem_mb"] == "64000"
     assert res["plan"]["mem_mb"] == "2000"
     assert res["all"]["mem_mb"] == "4000" and res["all"]["runtime"] == "30"  # a rule the profile does not name
     if profile == "kubernetes":
-        assert res["ppl_plan"]["gpu_manufacturer"] == "nvidia"
+        assert res["train"]["gpu_manufacturer"] == "nvidia"

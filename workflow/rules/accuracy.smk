@@ -31,8 +31,10 @@ def _eval_rule(run, label, plan_files, outs):
         params:
             code=code("alloc_moe.accuracy"),
         threads: 1
-        resources:
-            gpu=0 if spec.get("backend", "hf") == "hf" and "path" not in spec else 1,
+        resources:  # a real checkpoint (path:) evaluates on a GPU; the embedded model on CPU
+            gpu=1 if "path" in spec else 0,
+            mem_mb=64000 if "path" in spec else 4000,
+            runtime=360 if "path" in spec else 30,
         log:
             f"results/{run}/logs/accuracy_{label}.log",
         conda:
