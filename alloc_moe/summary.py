@@ -136,6 +136,13 @@ def paper_tables(acc: pd.DataFrame, *, k_base: int, calibration: str, k_base_swe
 
 
 
+def _spread(v: pd.Series, fmt: str) -> str:
+    """'mean [min..max]' over seeds (just the mean for one value, n/a for none)."""
+    if v.empty:
+        return "n/a"
+    return f"{v.mean():{fmt}} [{v.min():{fmt}}..{v.max():{fmt}}]" if len(v) > 1 else f"{v.mean():{fmt}}"
+
+
 def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibration: str) -> str:
     """The README's fidelity study: per method and budget, mean and spread (min..max) over training seeds of each
     group score and of the perplexity change per family; and the share of Uniform's loss vs the original model that
@@ -157,32 +164,27 @@ def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibr
                 d = g[(g.method == m) & (g.budget == b)]
                 if d.empty:
                     continue
-                cells = []
-                for grp in groups:
-                    v = d[d.group == grp].value
-                    cells.append(f"{v.mean():.2f} [{v.min():.2f}..{v.max():.2f}]" if len(v) > 1 else f"{v.mean():.2f}")
+                cells = [_spread(d[d.group == grp].value, ".2f") for grp in groups]
                 lines.append(f"| {m} | {b:g} | " + " | ".join(cells) + " |")
-        # recovery at half budget
+        # recovery of Uniform's loss, at half budget (the issue's question) and at the lowest budget
         orig_b = g[g.method == "Original"].budget.max()
-        half = orig_b / 2
-        lines += ["", f"Share of Uniform's loss (Original - Uniform) recovered at half budget B={half:g}, per seed, "
-                      "then mean [min..max] (1 = all of it, 0 = none, < 0 = worse than Uniform):", "",
-                  "| variant | " + " | ".join([*groups, "mean of groups"]) + " |", "|---" * (len(groups) + 2) + "|"]
-        for label, m in (("+L", "Alloc-L"), ("+T", "Alloc-T"), ("+L+T", "Alloc-MoE")):
-            cells = []
-            for grp in [*groups, None]:
-                shares = []
-                for s in seeds:
-                    def score(method, budget):
-                        d = g[(g.method == method) & (g.budget == budget) & (g.seed == s)]
-                        d = d if grp is None else d[d.group == grp]
-                        return d.value.mean() if not d.empty else float("nan")
-                    o, u, x = score("Original", orig_b), score("Uniform", half), score(m, half)
-                    shares.append((x - u) / (o - u) if abs(o - u) > 1e-9 else float("nan"))
-                sh = pd.Series(shares).dropna()
-                cells.append("n/a" if sh.empty else (f"{sh.mean():.2f} [{sh.min():.2f}..{sh.max():.2f}]" if len(sh) > 1
-                                                      else f"{sh.mean():.2f}"))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for at in dict.fromkeys([orig_b / 2, min(budgets)]):
+            lines += ["", f"Share of Uniform's loss (Original - Uniform) recovered at B={at:g}, per seed, then mean "
+                          "[min..max] (1 = all of it, 0 = none, < 0 = worse than Uniform):", "",
+                      "| variant | " + " | ".join([*groups, "mean of groups"]) + " |", "|---" * (len(groups) + 2) + "|"]
+            for label, m in (("+L", "Alloc-L"), ("+T", "Alloc-T"), ("+L+T", "Alloc-MoE")):
+                cells = []
+                for grp in [*groups, None]:
+                    shares = []
+                    for s_ in seeds:
+                        def score(method, budget):
+                            d = g[(g.method == method) & (g.budget == budget) & (g.seed == s_)]
+                            d = d if grp is None else d[d.group == grp]
+                            return d.value.mean() if not d.empty else float("nan")
+                        o, u, x = score("Original", orig_b), score("Uniform", at), score(m, at)
+                        shares.append((x - u) / (o - u) if abs(o - u) > 1e-9 else float("nan"))
+                    cells.append(_spread(pd.Series(shares).dropna(), ".2f"))
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
         # perplexity change per family
         p = ppl[(ppl.model == model) & (ppl.method.isin(["Uniform", "Alloc-L", "Alloc-T", "Alloc-MoE", "LExI",
                                                           "Dynamic-MoE", "NAEE"]))]
@@ -196,10 +198,7 @@ def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibr
                 d = p[(p.method == m) & (p.budget == b)]
                 if d.empty:
                     continue
-                cells = []
-                for f in fams:
-                    v = d[d.family == f].ppl_change_pct
-                    cells.append(f"{v.mean():+.2f} [{v.min():+.2f}..{v.max():+.2f}]" if len(v) > 1 else f"{v.mean():+.2f}")
+                cells = [_spread(d[d.family == f].ppl_change_pct, "+.2f") for f in fams]
                 lines.append(f"| {m} | {b:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
