@@ -36,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     aux_loss_coef: float = 1e-3
     z_loss_coef: float = 1e-4
+    router_lr_mult: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
 
@@ -43,10 +44,11 @@ class TrainConfig:
         for name in ("layers", "steps", "batch_size", "seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise AllocMoeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "aux_loss_coef", "z_loss_coef", "weight_decay"):
+        for name in ("lr", "aux_loss_coef", "z_loss_coef", "weight_decay", "router_lr_mult"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0) or (name == "lr" and v == 0):
-                raise AllocMoeError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {v}")
+            positive = name in ("lr", "router_lr_mult")
+            if not (math.isfinite(v) and v >= 0) or (positive and v == 0):
+                raise AllocMoeError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v}")
 
 
 def build_model(cfg: TrainConfig):
@@ -116,7 +118,8 @@ def router_losses(logits: list[torch.Tensor], k: int) -> tuple[torch.Tensor, tor
 
 
 def routing_summary(model, ids: torch.Tensor) -> list[dict]:
-    """Per MoE layer on `ids` [B, S]: mean top-1 routing probability and normalised routing entropy H / log E."""
+    """Per MoE layer on `ids` [B, S]: mean top-1 routing probability, normalised routing entropy H / log E, and the
+    busiest expert's share of the top-k slots relative to an even share (1 = balanced, E = one expert takes all)."""
     tap = RouterTap(model)
     try:
         with torch.no_grad():
@@ -127,8 +130,11 @@ def routing_summary(model, ids: torch.Tensor) -> list[dict]:
     for m, lg in zip(tap.layers, tap.logits):
         p = lg.float().softmax(-1)  # [T, E]
         ent = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])  # [T]
+        top = p.topk(m.k_orig, dim=-1).indices  # [T, k]
+        load = torch.bincount(top.flatten(), minlength=p.shape[-1]).float() / top.numel()  # [E]
         rows.append({"layer": m.index, "top1_prob": round(p.max(-1).values.mean().item(), 4),
-                     "norm_entropy": round(ent.mean().item(), 4)})
+                     "norm_entropy": round(ent.mean().item(), 4),
+                     "max_load": round(load.max().item() * p.shape[-1], 3)})
     return rows
 
 
@@ -173,7 +179,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
     from .moe_model import moe_layers
 
     k = moe_layers(model)[0].k_orig
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    routers = {id(p) for m in moe_layers(model) for p in m.gate.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in routers], "lr_mult": 1.0},
+              {"params": [p for p in model.parameters() if id(p) in routers], "lr_mult": cfg.router_lr_mult}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     data = token_stream(cfg)  # [steps, B, S]
     start, history = 0, []
     if ckpt_path.exists():
@@ -195,7 +204,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
     try:
         for step in range(start, cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = _lr(cfg, step)
+                g["lr"] = _lr(cfg, step) * g["lr_mult"]
             ids = data[step]  # [B, S]
             lm = model(ids, labels=ids).loss
             aux, z = router_losses(tap.pop(), k)
@@ -269,7 +278,7 @@ def register_cli(sub) -> None:
     p.add_argument("--width", choices=["tiny", "small"], default=d.width)
     for name in ("layers", "steps", "batch_size", "seq_len", "warmup", "seed", "checkpoint_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "weight_decay", "aux_loss_coef", "z_loss_coef"):
+    for name in ("lr", "weight_decay", "aux_loss_coef", "z_loss_coef", "router_lr_mult"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=None, help="torch threads (results are deterministic per count)")
     p.add_argument("--overwrite", action="store_true")
@@ -287,5 +296,6 @@ def _cmd_train(args) -> int:
     print(f"wrote {args.out}: {s['num_parameters'] / 1e6:.2f}M params, final loss {s['final_lm_loss']:.3f}, "
           f"held-out loss {s['heldout_loss']}")
     for r in s["routing"]:
-        print(f"  layer {r['layer']}: top-1 prob {r['top1_prob']:.3f}, normalised entropy {r['norm_entropy']:.3f}")
+        print(f"  layer {r['layer']}: top-1 prob {r['top1_prob']:.3f}, normalised entropy {r['norm_entropy']:.3f}, "
+              f"busiest expert {r['max_load']:.2f}x an even share")
     return 0

@@ -1,5 +1,6 @@
 """`alloc-moe train`: determinism, resume after a kill, loadable output, router summary, bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -29,7 +30,7 @@ def trained(tmp_path_factory):
 
 
 def test_output_loads_with_auto_classes_and_tokenizer_round_trips(trained):
-    out, summary = trained
+    out, _ = trained
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.config.model_type == "deepseek_v2" and model.config.vocab_size == len(synthetic.VOCAB)
@@ -40,7 +41,7 @@ def test_output_loads_with_auto_classes_and_tokenizer_round_trips(trained):
     meta = json.loads((out / "alloc_moe_train.json").read_text())
     assert meta["config"]["steps"] == 6 and len(meta["routing"]) == 2  # 3 layers, the first dense
     for r in meta["routing"]:
-        assert 0 < r["top1_prob"] <= 1 and 0 <= r["norm_entropy"] <= 1
+        assert 0 < r["top1_prob"] <= 1 and 0 <= r["norm_entropy"] <= 1 and 1 <= r["max_load"] <= 8  # tiny: 8 experts
     assert set(meta["heldout_loss"]) == set(synthetic.FAMILIES)
     assert not out.with_name(out.name + ".ckpt.pt").exists()  # the checkpoint is removed once the model is written
 
@@ -84,10 +85,33 @@ def test_router_losses_hand_computed():
     assert router_losses([balanced], k=1)[0].item() == pytest.approx(1.0)  # the minimum, perfectly balanced
 
 
+def test_router_lr_mult_scales_only_the_router_update(tmp_path):
+    """One AdamW step: the routers move exactly `router_lr_mult` times as far, every other weight the same."""
+    from alloc_moe.train import build_model
+
+    torch.set_num_threads(1)
+    init = {k: v.clone() for k, v in build_model(FAST).state_dict().items()}
+    moved = {}
+    for mult in (1.0, 5.0):
+        cfg = dataclasses.replace(FAST, router_lr_mult=mult)
+        train(cfg, tmp_path / f"m{mult}", progress=False, stop_after=1)
+        state = torch.load(tmp_path / f"m{mult}.ckpt.pt", weights_only=False)["model"]
+        moved[mult] = {k: state[k] - init[k] for k in init}
+    routers = [k for k in init if k.endswith("mlp.gate.weight")]
+    assert len(routers) == 2  # 3 layers, the first dense
+    for k in init:
+        if k in routers:
+            torch.testing.assert_close(moved[5.0][k], 5 * moved[1.0][k], rtol=1e-4, atol=1e-7)
+            assert moved[1.0][k].abs().max() > 0
+        else:
+            assert torch.equal(moved[5.0][k], moved[1.0][k]), k
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--steps", "0"], "steps must be >= 1"),
     (["--lr", "-1"], "lr must be"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--router-lr-mult", "0"], "router_lr_mult must be a finite number > 0"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, msg):
     assert main(["train", "--out", str(tmp_path / "m"), *argv]) == 2
