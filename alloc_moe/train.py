@@ -7,7 +7,10 @@ output (`DIR.ckpt.pt`) and resumes from there when re-run with the same settings
 
 Loss = next-token cross-entropy + `aux_loss_coef` x load-balancing loss (Switch-style, on every MoE router)
 + `z_loss_coef` x router z-loss. A small aux coefficient keeps experts in use while letting routers become
-peaked, which is what makes budget allocation matter.
+peaked, which is what makes budget allocation matter. The routers train with `router_lr_mult` x the learning rate
+(their own AdamW group): at this scale and step count, routers trained at the common rate stay nearly flat in the
+middle layers (normalised entropy 0.8-0.97, measured), so the default recipe is aux 1e-4, no z-loss, routers at
+1.5x (README, "What the main job does", has the measured sweep).
 """
 
 import dataclasses
@@ -34,9 +37,9 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    aux_loss_coef: float = 1e-3
-    z_loss_coef: float = 1e-4
-    router_lr_mult: float = 1.0
+    aux_loss_coef: float = 1e-4
+    z_loss_coef: float = 0.0
+    router_lr_mult: float = 1.5
     seed: int = 0
     checkpoint_every: int = 50
 
