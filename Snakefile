@@ -10,6 +10,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"  # `snakemake --report results/report.html`: every figure and table, captioned
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
@@ -25,9 +28,12 @@ rule all:
     input:
         "results/summary/accuracy.csv",
         "results/summary/perplexity.csv",
-        expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "perplexity"], model=MODEL_NAMES),
+        expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "perplexity", "tradeoff"],
+               model=MODEL_NAMES),
         "results/summary/latency.csv",
         "results/summary/load_balance.csv",
         expand("results/{run}/figures/{f}.png", run=RUNS, f=["speedup_vs_budget", "expert_load", "load_balance_by_layer",
                                                               "plan_allocation", "experts_vs_entropy"]),
+        expand("results/summary/report/{table}_{model}.html", table=PAPER_TABLES, model=MODEL_NAMES),
+        expand("results/summary/report/{page}.html", page=SUMMARY_TABLES),
     default_target: True

@@ -145,3 +145,37 @@ def experts_vs_entropy(tokens: pd.DataFrame, path: str | Path, *, plan: str, lay
         ax.legend(fontsize=6)
     ax.set_title(title or f"{plan}: experts per token vs routing entropy")
     _save(fig, path)
+
+
+def accuracy_vs_speedup(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """The paper's Fig. 1: mean group score (± SE bars) against the measured speedup over the original model, one
+    panel per phase (prefill, decode), one line per method through its budgets (each point labelled with B), the
+    original model as a star at speedup 1 with a dashed line at its score. `df`: `summary.tradeoff_table` rows."""
+    phases = [p for p in ("prefill", "decode") if p in set(df["phase"])]
+    methods = sorted(set(df["method"]) - {"Original"})
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.4), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        d = df[df["phase"] == phase]
+        for m in methods:
+            r = d[d["method"] == m].sort_values("budget")
+            ax.errorbar(r["speedup"], r["value"], yerr=r["stderr"], label=m, color=palette[m], marker="o", ms=4,
+                        capsize=2, lw=1.2)
+            for x, y, b in zip(r["speedup"], r["value"], r["budget"]):
+                ax.annotate(f"B={b:g}", (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6,
+                            color=palette[m])
+        o = d[d["method"] == "Original"]
+        if not o.empty:
+            ax.errorbar(o["speedup"], o["value"], yerr=o["stderr"], color="black", marker="*", ms=10, capsize=2,
+                        ls="none", label=f"Original (B={o['budget'].iloc[0]:g})")
+            ax.axhline(o["value"].iloc[0], color="black", ls="--", lw=0.8)
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{phase} speedup")
+        ax.set_xlabel(f"measured {phase} speedup vs original (x)")
+        ax.set_ylabel("mean of group scores (points)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, -0.01), frameon=False)
+    if title:
+        fig.suptitle(title, y=1.02)
+    _save(fig, path)

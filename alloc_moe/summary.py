@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import AllocMoeError
 from .io import atomic_path
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
@@ -47,7 +48,7 @@ def eval_perplexity_table(evals: list[str | Path]) -> pd.DataFrame:
     if df.empty:
         return df
     df["k_base"] = df["k_base"].astype("string")
-    df.insert(1, "method", [METHOD_NAMES.get((a, b), f"{a}+{b}") for a, b in zip(df.layer_method, df.token_allocation)])
+    df.insert(1, "method", method_names(df))
     base = df[df.layer_method == "original"].set_index(["model", "seed", "family"])["ppl"]
     df["ppl_change_pct"] = [100.0 * (r.ppl / base[(r.model, r.seed, r.family)] - 1.0) for r in df.itertuples()]
     keys = ["model", "layer_method", "token_allocation", "k_base", "budget", "calibration", "seed", "family"]
@@ -70,6 +71,11 @@ COMPARISONS = {
 }
 
 
+def method_names(df: pd.DataFrame) -> list[str]:
+    """The display name of each row's (layer_method, token_allocation); 'layer+token' for a pair the paper lacks."""
+    return [METHOD_NAMES.get((a, b), f"{a}+{b}") for a, b in zip(df.layer_method, df.token_allocation)]
+
+
 def group_table(acc: pd.DataFrame, *, k_base: int = 1, calibration: str | None = None) -> pd.DataFrame:
     """Group scores (mean of the group's tasks, SE sqrt(sum se^2)/n) per method, budget and seed; one method per
     (layer, token) at the default k_base and calibration set (what Figs. 3/4/6 and Table 4 compare)."""
@@ -78,7 +84,7 @@ def group_table(acc: pd.DataFrame, *, k_base: int = 1, calibration: str | None =
     df = df[(df.token_allocation != "alloc-t") | (kb == str(k_base))]
     if calibration is not None:
         df = df[df.calibration.isin(["", "none", calibration])]
-    df = df.assign(method=[METHOD_NAMES.get((a, b), f"{a}+{b}") for a, b in zip(df.layer_method, df.token_allocation)])
+    df = df.assign(method=method_names(df))
     return combine(df, ["model", "method", "budget", "seed", "group"])
 
 
@@ -90,6 +96,31 @@ def combine(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return (df.groupby(by, sort=True)
               .agg(value=("value", "mean"), stderr=("stderr", lambda s: math.sqrt((s ** 2).sum()) / len(s)))
               .reset_index())
+
+
+def tradeoff_table(acc: pd.DataFrame, lat: pd.DataFrame, *, k_base: int, calibration: str) -> pd.DataFrame:
+    """The paper's Fig. 1 view: for every (model, method, budget) that has both an accuracy and a latency
+    measurement, the mean of the group scores (± SE, as in Table 4) against the measured speedup over the original
+    model, per latency phase. The original model is the (model, Original, L x K_orig) row at speedup 1.
+
+    `acc`: accuracy.csv rows; `lat`: latency.csv rows (`latency.speedup_frame` columns + seed). Methods are matched
+    by (layer_method, token_allocation) at the default `k_base` and `calibration` (the plans the latency rule
+    measures); plans evaluated but not timed, or timed but not evaluated, are left out. Over training seeds: score
+    and SE by `combine`, speedup the mean of the per-seed speedups, `seeds` how many seeds had both.
+    Returns columns model, method, budget, phase, value, stderr, speedup, seeds (one row per key)."""
+    keys = ["model", "method", "budget", "seed"]
+    score = combine(group_table(acc, k_base=k_base, calibration=calibration), keys)
+    lat = lat.assign(method=method_names(lat))
+    repeated = lat[lat.duplicated([*keys, "phase"], keep=False)]
+    if not repeated.empty:
+        r = repeated.iloc[0]
+        raise AllocMoeError(f"the latency table times {r.method} at B={r.budget:g} ({r.phase}, seed {r.seed}) more than "
+                            "once (plans " + ", ".join(sorted(set(repeated.plan))) + "); allowed: one plan per "
+                            "method, budget and seed, as the latency rule measures")
+    joined = score.merge(lat[[*keys, "phase", "speedup"]], on=keys, how="inner")
+    by = ["model", "method", "budget", "phase"]
+    speed = joined.groupby(by, sort=True).agg(speedup=("speedup", "mean"), seeds=("seed", "nunique")).reset_index()
+    return combine(joined, by).merge(speed, on=by)
 
 
 def _markdown(rows: pd.DataFrame, label: str, order: list, budgets: list[float], title: str) -> str:
@@ -150,7 +181,7 @@ def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibr
     lines = []
     for model in sorted(acc.model.unique()):
         g = group_table(acc[acc.model == model], k_base=k_base, calibration=calibration)
-        seeds = sorted(g.seed.unique())
+        seeds = sorted(int(s_) for s_ in g.seed.unique())
         lines += [f"### {model}: {len(seeds)} training seed(s) {seeds}", "",
                   "Group scores in points: mean over seeds [min..max]; chance and SE per seed are in accuracy.csv.", ""]
         budgets = sorted(g[g.method != "Original"].budget.unique())

@@ -152,7 +152,8 @@ def _rerun_after_editing(run, tmp_path, module: str) -> dict[str, int]:
 
 def test_editing_plotting_code_reruns_only_figures(run, tmp_path):
     jobs = _rerun_after_editing(run, tmp_path, "plots.py")
-    assert set(jobs) == {"figure", "figure_perplexity", "plot_latency", "plot_load_balance", "all"}, jobs
+    assert set(jobs) == {"figure", "figure_perplexity", "figure_tradeoff", "plot_latency", "plot_load_balance",
+                         "all"}, jobs
 
 
 def test_editing_the_hf_backend_reruns_evaluation_not_training(run, tmp_path):

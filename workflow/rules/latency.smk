@@ -28,7 +28,7 @@ rule latency:
         device=LAT_DEVICE,
         dtype=LAT.get("dtype", "auto"),
         code=code("alloc_moe.latency"),
-    threads: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
+    threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
         gpu=1 if LAT_DEVICE.startswith("cuda") else 0,
     log:
@@ -63,7 +63,7 @@ rule plot_latency:
         "results/{run}/latency/latency.json",
     output:
         report("results/{run}/figures/speedup_vs_budget.png", caption="../report/latency.rst", category="Latency",
-               labels={"figure": "fig5", "run": "{run}"}),
+               subcategory="{run}", labels={"paper": "Fig. 5"}),
     params:
         code=code("workflow/scripts/plot_latency.py"),
     log:

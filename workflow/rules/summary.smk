@@ -1,3 +1,6 @@
+from alloc_moe.manifest import config_hash
+
+
 def all_evals(wildcards=None):
     return [f"results/{run}/eval/{p}.json" for run in RUNS for p in ["original", *plan_ids(run)]]
 
@@ -32,8 +35,10 @@ rule figure_perplexity:
         "results/summary/perplexity.csv",
     output:
         report("results/summary/figures/perplexity_{model}.png", caption="../report/perplexity.rst",
-               category="Perplexity", labels={"model": "{model}"}),
+               category="Perplexity", subcategory="{model}", labels={"paper": "none (perplexity)"}),
     params:
+        k_base=K_BASE,
+        calibration=CAL_DEFAULT,
         code=code("workflow/scripts/plot_perplexity.py"),
     log:
         "results/logs/figure_perplexity_{model}.log",
@@ -47,8 +52,8 @@ rule figure:
     input:
         "results/summary/accuracy.csv",
     output:
-        report("results/summary/figures/{fig}_{model}.png", caption="../report/figure.rst", category="Accuracy",
-               subcategory="{model}", labels={"figure": "{fig}", "model": "{model}"}),
+        report("results/summary/figures/{fig}_{model}.png", caption="../report/group_scores.rst", category="Accuracy",
+               subcategory="{model}", labels=lambda wc: {"paper": f"Fig. {wc.fig[3:]}"}),
     wildcard_constraints:
         fig="fig3|fig4|fig6",
     params:
@@ -61,3 +66,69 @@ rule figure:
         "../../envs/alloc-moe.yaml"
     script:
         "../scripts/plot_accuracy.py"
+
+
+rule figure_tradeoff:
+    input:
+        accuracy="results/summary/accuracy.csv",
+        latency="results/summary/latency.csv",
+    output:
+        report("results/summary/figures/tradeoff_{model}.png", caption="../report/tradeoff.rst",
+               category="Accuracy vs speedup", subcategory="{model}", labels={"paper": "Fig. 1"}),
+    params:
+        k_base=K_BASE,
+        calibration=CAL_DEFAULT,
+        code=code("workflow/scripts/plot_tradeoff.py"),
+    log:
+        "results/logs/figure_tradeoff_{model}.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    script:
+        "../scripts/plot_tradeoff.py"
+
+
+# HTML views of the tables for `snakemake --report`, which shows HTML inline but .md/.csv/.json only as downloads.
+PAPER_TABLES = {"table2": "Table 2", "table3": "Table 3", "table4": "Table 4"}
+# page -> (source table in results/summary, caption, report category, subcategory)
+SUMMARY_TABLES = {
+    "accuracy": ("accuracy.csv", "accuracy_csv", "Accuracy", "all models"),
+    "fidelity": ("fidelity.md", "fidelity", "Accuracy", "all models"),
+    "perplexity": ("perplexity.csv", "perplexity_csv", "Perplexity", "all models"),
+    "latency": ("latency.csv", "latency_csv", "Latency", "all runs"),
+    "load_balance": ("load_balance.csv", "load_balance_csv", "Load balance", "all runs"),
+    "environment": ("environment.json", "environment", "Environment", None),
+}
+
+
+rule paper_tables_html:
+    input:
+        [f"results/summary/tables/{t}_{{model}}.md" for t in PAPER_TABLES],
+    output:
+        [report(f"results/summary/report/{t}_{{model}}.html", caption=f"../report/{t}.rst", category="Accuracy",
+                subcategory="{model}", labels={"paper": name}) for t, name in PAPER_TABLES.items()],
+    params:
+        code=code("workflow/scripts/report_tables.py"),
+    log:
+        "results/logs/paper_tables_html_{model}.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    script:
+        "../scripts/report_tables.py"
+
+
+rule summary_tables_html:
+    input:
+        [f"results/summary/{src}" for src, *_ in SUMMARY_TABLES.values()],
+    output:
+        [report(f"results/summary/report/{page}.html", caption=f"../report/{caption}.rst", category=category,
+                subcategory=subcategory, labels={"table": src})
+         for page, (src, caption, category, subcategory) in SUMMARY_TABLES.items()],
+    params:
+        config_hash=config_hash(config),
+        code=code("workflow/scripts/report_tables.py"),
+    log:
+        "results/logs/summary_tables_html.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    script:
+        "../scripts/report_tables.py"
