@@ -12,7 +12,7 @@ rule train:
         args=_train_args,
         seed=lambda wc: RUNS[wc.run][1],
         code=code("alloc_moe.train"),
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores
     log:
         "results/{run}/logs/train.log",
     conda:
