@@ -16,7 +16,9 @@ def _eval_rule(run, label, plan_files, outs):
     model = spec["path"] if "path" in spec else f"results/{run}/model"
     pairs = " ".join(f"--plan {p} --out {o}" for p, o in zip(plan_files, outs))
     limit = f"--limit {ACC['limit']}" if ACC.get("limit") else ""
-    text_inputs = [EVAL_TEXT] if EVAL_TEXT.startswith("results/") or os.path.exists(EVAL_TEXT) else []
+    hf = spec.get("backend", "hf") == "hf"  # perplexity needs the HF model (a vLLM engine holds the GPU)
+    text_inputs = [EVAL_TEXT] if hf and (EVAL_TEXT.startswith("results/") or os.path.exists(EVAL_TEXT)) else []
+    ppl = f"--perplexity {EVAL_TEXT} --perplexity-seq-len {EVAL.get('seq_len', 64)} " if hf else ""
 
     rule:
         name:
@@ -42,8 +44,7 @@ def _eval_rule(run, label, plan_files, outs):
         shell:
             f"alloc-moe eval --model {model} {pairs} {task_args} --backend {spec.get('backend', 'hf')} "
             f"--batch-size {ACC.get('batch_size', 128)} {limit} --seed {RUNS[run][1]} --model-label {RUNS[run][0]} "
-            f"--perplexity {EVAL_TEXT} --perplexity-seq-len {EVAL.get('seq_len', 64)} "
-            "--threads {threads} > {log} 2>&1"
+            f"{ppl}--threads {{threads}} > {{log}} 2>&1"
 
 
 for _run in RUNS:

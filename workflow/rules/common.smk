@@ -1,17 +1,49 @@
+import functools
 import math
 import re
 import os
 import sys
 from pathlib import Path
 
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from snakemake.utils import validate
 
-validate(config, "../schemas/config.schema.yaml")
+
+def _config_error(e):
+    """One line for a schema violation: where in the config, what is wrong, what is allowed."""
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path).lstrip(".") or "top level"
+    if e.validator == "additionalProperties" and isinstance(e.instance, dict) and "properties" in e.schema:
+        unknown = ", ".join(repr(k) for k in e.instance if k not in e.schema["properties"])
+        return f"{where}: unknown key {unknown} (allowed: {', '.join(e.schema['properties'])})"
+    if e.validator == "oneOf" and all(list(s) == ["required"] for s in e.validator_value):
+        return f"{where}: give exactly one of {', '.join(s['required'][0] for s in e.validator_value)}"
+    return f"{where}: {e.message}"
+
+
+def config_fail(msg):
+    """A bad config stops the workflow before any job: one line on stderr, exit code 2."""
+    print(f"config error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# A model set to null is left out (a --configfile is merged over config/config.yaml: `embedded: null` drops it).
+if isinstance(config.get("models"), dict):
+    config["models"] = {k: v for k, v in config["models"].items() if v is not None}
+_SCHEMA = Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
+_error = best_match(Draft202012Validator(yaml.safe_load(_SCHEMA.read_text())).iter_errors(config))
+if _error is not None:
+    config_fail(_config_error(_error))
+validate(config, "../schemas/config.schema.yaml")  # fills in the schema's defaults
 
 # Rules call the `alloc-moe` console script; make the one next to this Python first on PATH (a venv that is not
 # activated). Under --use-conda the env's own bin comes first.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
+from alloc_moe.data import SOURCES  # hub text sources (wikitext2, c4, pile): the `download` rule fetches them
+
+DOWNLOAD = config.get("download", {})
 CAL = config.get("calibration", {})
 CAL_DEFAULT = CAL.get("default", "balanced")
 CAL_SETS = list(dict.fromkeys([CAL_DEFAULT, *CAL.get("sets", [CAL_DEFAULT])]))
@@ -67,8 +99,10 @@ def plan_ids(run):
     return [p for b in spec_of(run)["budgets"] for p in plans_at(run, b)]
 
 
+@functools.cache
 def num_moe_layers(run):
-    """MoE layers of a run's model, from its config (train/make) without building it."""
+    """MoE layers of a run's model, from its config (train/make, a local checkpoint, or `hub_config:`) without
+    building it; a hub id without `hub_config:` asks the hub."""
     spec = spec_of(run)
     if "train" in spec or "make" in spec:
         s = spec.get("train") or spec["make"]
@@ -80,7 +114,13 @@ def num_moe_layers(run):
         return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(spec["path"])
+    source = str(Path(workflow.basedir, spec["hub_config"])) if "hub_config" in spec else spec["path"]
+    try:
+        cfg = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        config_fail(f"models.{RUNS[run][0]}: cannot read the model config of {source!r} ({first}); offline, give "
+                    "hub_config: a copy of the checkpoint's config.json")
     return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
 
 
@@ -94,13 +134,24 @@ def model_input(wildcards):
 
 
 def calib_file(name):
-    return f"results/data/calib_{name}.jsonl" if name in SYNTHETIC_SETS else name
+    """The text file of a calibration set: synthetic sets and hub sources are written by rules, else a local file."""
+    if name in SYNTHETIC_SETS:
+        return f"results/data/calib_{name}.jsonl"
+    if name in SOURCES:
+        return f"results/data/{name}_{SOURCES[name].split}.jsonl"  # the `download` rule
+    return name
 
 
 def calib_input(name):
-    if name in SYNTHETIC_SETS:
-        return [f"results/data/calib_{name}.jsonl"]
-    return [name] if os.path.exists(name) else []
+    path = calib_file(name)
+    return [path] if path.startswith("results/") or os.path.exists(path) else []
 
 
-EVAL_TEXT = EVAL.get("text", "results/data/heldout.jsonl")
+EVAL_TEXT = calib_file(EVAL.get("text", "results/data/heldout.jsonl"))
+for _key, _name in [*(("calibration", c) for c in CAL_SETS), ("evaluation.text", EVAL_TEXT)]:
+    if not calib_input(_name):
+        config_fail(f"{_key}: {_name!r} is not a file; allowed: a synthetic set ({', '.join(SYNTHETIC_SETS)}), "
+                    f"a hub source ({', '.join(SOURCES)}), results/data/<source>_<split>.jsonl or an existing file")
+for _key, _path in DOWNLOAD.get("local", {}).items():
+    if not os.path.isfile(_path):
+        config_fail(f"download.local.{_key}: local copy {_path!r} not found")

@@ -39,3 +39,31 @@ rule embedded_tasks:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe make-tasks --out {output} > {log} 2>&1"
+
+
+# Hub text sources (WikiText2 / C4 / Pile at the revisions pinned in alloc_moe.data.SOURCES) as calibration or
+# evaluation JSONL with a sha256 sidecar; `download.local.<source>_<split>` reads a local copy instead (offline).
+# Runs on the machine that starts the workflow (localrules): cluster nodes often have no network.
+localrules: download
+
+
+rule download:
+    input:
+        lambda wc: DOWNLOAD.get("local", {}).get(f"{wc.source}_{wc.split}", []),
+    output:
+        data="results/data/{source}_{split}.jsonl",
+        meta="results/data/{source}_{split}.meta.json",
+    wildcard_constraints:
+        source="|".join(SOURCES),
+        split="[a-z]+",
+    params:
+        local=lambda wildcards, input: f"--local {input[0]}" if input else "",
+        max_chars=f"--max-chars {DOWNLOAD['max_chars']}" if DOWNLOAD.get("max_chars") else "",
+        code=code("alloc_moe.download"),
+    log:
+        "results/logs/download_{source}_{split}.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    shell:
+        "alloc-moe download --dataset {wildcards.source} --split {wildcards.split} {params.local} {params.max_chars} "
+        "--out {output.data} > {log} 2>&1"

@@ -1,0 +1,181 @@
+"""config/paper.yaml and config/smoke.yaml: `snakemake -n --configfile config/X.yaml` resolves the whole DAG with no
+hub access (the MoE layer counts come from `hub_config:`), with the job counts per rule that the paper's design
+gives; bad configs stop before any job with one line.
+
+Like `snakemake --configfile config/paper.yaml` in the repository, every dry run here merges the file over the
+embedded default config/config.yaml."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# the hub text files the `download` rule writes: each calibration source's default split, and the evaluation text
+SPLITS = {"wikitext2": "test", "c4": "validation", "pile": "validation"}
+
+
+def _snakemake(workdir: Path, configfiles: list, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """snakemake with the config files merged over the embedded default (offline; a dry run unless `args`)."""
+    if not SNAKEMAKE.exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "config/config.yaml", workdir / "config/config.yaml")
+    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+                           "--configfile", *map(str, configfiles), *(args or ["-n"])],
+                          check=False, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE, **env})
+
+
+def _jobs(log: str) -> tuple[Counter, dict[str, list[str]]]:
+    """(rule -> jobs, rule -> outputs) of a dry run's job listing."""
+    counts, outputs, rule = Counter(), {}, None
+    for line in log.splitlines():
+        if m := re.match(r"^(?:local)?rule (\S+):$", line):
+            rule = m.group(1)
+            counts[rule] += 1
+        elif (m := re.match(r"^\s+output: (.*)$", line)) and rule:
+            outputs.setdefault(rule, []).extend(m.group(1).split(", "))
+    return counts, outputs
+
+
+def _moe_layers(spec: dict) -> int:
+    cfg = json.loads((ROOT / spec["hub_config"]).read_text())
+    return cfg["num_hidden_layers"] - cfg.get("first_k_dense_replace", 0)
+
+
+def _expected(cfg: dict) -> tuple[dict[str, int], set[str]]:
+    """Jobs per rule and the download outputs, computed from the config by the paper's rules: every method at every
+    budget; Table 2's K_base sweep under Uniform + Alloc-T where K_base <= B / L; Table 3's Alloc-L per calibration
+    set; Fig. 5's latency methods; a plan that needs data (Alloc-L, top-p, NAEE) uses the default calibration set."""
+    models = {k: v for k, v in cfg["models"].items() if v is not None}
+    cal, kb = cfg["calibration"], cfg["k_base"]
+
+    def pid(layer, token, k, budget):
+        data = layer == "alloc-l" or token in ("top-p", "naee")
+        return layer, token, k, cal["default"] if data else "none", budget
+
+    plans = set()
+    for name, spec in models.items():
+        n_layers = _moe_layers(spec)
+        for b in spec["budgets"]:
+            plans |= {(name, *pid(m["layer"], m["token"], kb, b)) for m in cfg["methods"] + cfg["latency"]["methods"]}
+            plans |= {(name, "uniform", "alloc-t", k, "none", b) for k in cfg["k_base_sweep"] if k * n_layers <= b}
+            if cfg["calibration_sweep"]:
+                plans |= {(name, "alloc-l", "topk", kb, c, b) for c in cal["sets"]}
+    ppl_sets = {p[4] for p in plans if p[1] == "alloc-l"}
+    routing_sets = {p[4] for p in plans if p[2] in ("top-p", "naee")}
+    text = {f"results/data/{s}_{SPLITS[s]}.jsonl" for s in ppl_sets | routing_sets} | {cfg["evaluation"]["text"]}
+    jobs = {"plan": len(plans), "profile_ppl": len(models) * len(ppl_sets), "profile_lexi": len(models),
+            "routing_scores": len(models) * len(routing_sets), "download": len(text), "latency": len(models),
+            "load_balance": len(models)}
+    for name, spec in models.items():
+        run = re.sub(r"\W", "_", f"{name}-s0")
+        jobs |= {f"accuracy_{run}_{label}": 1 for label in ["original", *(f"B{b:g}" for b in spec["budgets"])]}
+    return jobs, text
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    res = _snakemake(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return _jobs(res.stdout + res.stderr)
+
+
+@pytest.mark.parametrize("name", ["paper", "smoke"])
+def test_dry_run_resolves_offline_with_the_jobs_the_config_asks_for(name, paper, tmp_path):
+    cfg = yaml.safe_load((ROOT / f"config/{name}.yaml").read_text())
+    if name == "paper":
+        counts, outputs = paper
+    else:
+        res = _snakemake(tmp_path, [ROOT / f"config/{name}.yaml"])
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        counts, outputs = _jobs(res.stdout + res.stderr)
+    jobs, texts = _expected(cfg)
+    assert {r: counts[r] for r in jobs} == jobs
+    assert {r for r in counts if r.startswith("accuracy_")} == {r for r in jobs if r.startswith("accuracy_")}
+    # the embedded default it is merged over is gone: nothing trains, no synthetic data or tasks
+    assert not {"train", "make_model", "calibration_set", "heldout_text", "embedded_tasks"} & set(counts)
+    assert set(outputs["download"]) == texts | {t.replace(".jsonl", ".meta.json") for t in texts}
+
+
+def test_paper_plan_count_is_the_papers_design(paper):
+    """Per budget: 9 methods, K_base 0..floor(B/L) other than the default 1 (Table 2), Alloc-L on C4 and Pile
+    (Table 3). DeepSeek (L=26) 13+14+15+16, Qwen (L=24) 13+13+14+14, OLMoE (L=16) 15+16+17+18."""
+    counts, outputs = paper
+    assert counts["plan"] == 58 + 54 + 66
+    assert counts["profile_ppl"] == 3 * 3 and counts["download"] == 4
+    ds = [p for p in outputs["plan"] if p.startswith("results/deepseek-v2-lite-s0/")]
+    assert "results/deepseek-v2-lite-s0/plans/uniform__alloc-t__kb5__none__B130.json" in ds  # K_base = K_orig - 1
+    assert not [p for p in ds if "__kb6__" in p]  # 6 x 26 > 130: n/a
+    assert "results/deepseek-v2-lite-s0/plans/alloc-l__alloc-t__kb1__wikitext2__B78.json" in ds  # Alloc-MoE
+    assert "results/olmoe-1b-7b-0924-s0/plans/uniform__alloc-t__kb7__none__B112.json" in outputs["plan"]
+
+
+BAD = {
+    "unknown key": ("models: {deepseek-v2-lite: {budget: [52]}}",
+                    "models.deepseek-v2-lite: unknown key 'budget' (allowed: path, hub_config, train, make, seeds, "),
+    "budget <= 0": ("models: {qwen1.5-moe-a2.7b: {budgets: [48, 0]}}",
+                    "models.qwen1.5-moe-a2.7b.budgets[1]: 0 is less than or equal to the minimum of 0"),
+    "unknown method": ("methods: [{layer: uniform, token: topk}, {layer: alloc-t, token: topk}]",
+                       "methods[1].layer: 'alloc-t' is not one of ['alloc-l', 'uniform', "),
+    "unknown backend": ("models: {olmoe-1b-7b-0924: {backend: sglang}}",
+                        "models.olmoe-1b-7b-0924.backend: 'sglang' is not one of ['hf', 'vllm']"),
+    "unknown top-level key": ("calibration_sets: [c4]", "top level: unknown key 'calibration_sets' (allowed: models, "),
+    "two model sources": ("models: {olmoe-1b-7b-0924: {make: {topology: olmoe-1b-7b-0924}}}",
+                          "models.olmoe-1b-7b-0924: give exactly one of path, train, make"),
+    "unknown calibration set": ("calibration: {sets: [wikitext2, wikitext103]}",
+                                "calibration: 'wikitext103' is not a file; allowed: a synthetic set "),
+    "missing local copy": ("download: {local: {c4_validation: /nowhere/c4.json.gz}}",
+                           "download.local.c4_validation: local copy '/nowhere/c4.json.gz' not found"),
+    "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
+                              "models.extra: cannot read the model config of 'org/not-here' ("),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_config_stops_before_any_job_with_one_line(case, tmp_path):
+    override, message = BAD[case]
+    (tmp_path / "bad.yaml").write_text(override + "\n")
+    res = _snakemake(tmp_path / "work", [ROOT / "config/paper.yaml", tmp_path / "bad.yaml"])
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if not x.startswith("Config file config/config.yaml is extended")]
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {message}"), res.stderr
+    assert "rule " not in res.stdout and not (tmp_path / "work/results").exists()
+
+
+def test_download_rule_reads_a_local_copy_and_fails_offline_naming_the_key(tmp_path):
+    """The `download` jobs for real, offline: a split given under download.local is converted; one that is not
+    fails with the line that names the key, and leaves no output."""
+    rows = ["first row", "", "second row"]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    (tmp_path / "local.yaml").write_text(f"download: {{local: {{wikitext2_test: {tmp_path / 'test.jsonl'}}}}}\n")
+    work, configs = tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "local.yaml"]
+    hf = str(tmp_path / "hf")
+    res = _snakemake(work, configs, "--cores", "1", "--", "results/data/wikitext2_test.jsonl", HF_HOME=hf)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = [json.loads(line) for line in (work / "results/data/wikitext2_test.jsonl").read_text().splitlines()]
+    assert got == [{"family": "wikitext2", "text": r} for r in rows]
+    meta = json.loads((work / "results/data/wikitext2_test.meta.json").read_text())
+    assert meta["local_file"] == str(tmp_path / "test.jsonl") and meta["max_chars"] == 1000000
+
+    res = _snakemake(work, configs, "--cores", "1", "--", "results/data/c4_validation.jsonl", HF_HOME=hf)
+    assert res.returncode != 0
+    log = (work / "results/logs/download_c4_validation.log").read_text()
+    assert log.count("\n") == 1 and "under the config key download.local.c4_validation " in log, log
+    assert not list((work / "results/data").glob("c4_validation*"))
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite", "qwen1.5-moe-a2.7b", "olmoe-1b-7b-0924"])
+def test_workflow_model_configs_are_the_zoos(name):
+    """config/models/ (read by the workflow, shipped in the container's /app) and alloc_moe/configs/ (package data,
+    the zoo's topologies) hold the same published config.json."""
+    assert (ROOT / "config/models" / f"{name}.json").read_bytes() == (ROOT / "alloc_moe/configs" / f"{name}.json").read_bytes()
