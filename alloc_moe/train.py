@@ -28,10 +28,10 @@ from .errors import AllocMoeError
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "deepseek_v2"
+    arch: str = "olmoe"  # the embedded default (README: why not the paper's DeepSeek-V2 layout)
     width: str = "small"
-    layers: int = 9
-    steps: int = 600
+    layers: int = 8
+    steps: int = 900
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 3e-3

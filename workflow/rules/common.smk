@@ -108,9 +108,14 @@ def num_moe_layers(run):
         s = spec.get("train") or spec["make"]
         from alloc_moe import zoo
 
-        cfg = zoo.make_config(s.get("arch", "deepseek_v2" if "train" in spec else None), topology=s.get("topology"),
-                              layers=s.get("layers", 9 if "train" in spec else None),
-                              width=s.get("width", "small" if "train" in spec else "tiny"))
+        if "train" in spec:
+            from alloc_moe.train import TrainConfig
+
+            d = TrainConfig()
+            cfg = zoo.make_config(s.get("arch", d.arch), layers=s.get("layers", d.layers), width=s.get("width", d.width))
+        else:
+            cfg = zoo.make_config(s.get("arch"), topology=s.get("topology"), layers=s.get("layers"),
+                                  width=s.get("width", "tiny"))
         return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
     from transformers import AutoConfig
 
