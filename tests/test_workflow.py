@@ -162,5 +162,6 @@ def test_editing_the_hf_backend_reruns_evaluation_not_training(run, tmp_path):
     assert any(j.startswith("accuracy_") for j in jobs) and "routing_scores" in jobs, jobs
 
 
-def test_editing_unused_code_reruns_nothing(run, tmp_path):
-    assert _rerun_after_editing(run, tmp_path, "regress.py") == {}
+@pytest.mark.parametrize("module", ["regress.py", "cli.py"])  # unused by rules; the dispatcher of every command
+def test_editing_unused_code_or_the_dispatcher_reruns_nothing(run, tmp_path, module):
+    assert _rerun_after_editing(run, tmp_path, module) == {}

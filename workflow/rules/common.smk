@@ -55,13 +55,15 @@ K_BASE = config.get("k_base", 1)
 
 
 def code(*entries):
-    """Hash of the code a rule runs: the `alloc-moe` CLI plus the named alloc_moe modules, or a workflow script, each
-    with the alloc_moe modules it imports (transitively). A rule re-runs when that code changes, and only then."""
+    """Hash of the code a rule runs: the named alloc_moe modules (the one holding the `alloc-moe` subcommand the rule
+    calls, whose `register_cli` parses its arguments) or workflow scripts, each with the alloc_moe modules it imports
+    (transitively). A rule re-runs when that code changes, and only then. The `alloc-moe` dispatcher (`cli.py`: the
+    list of subcommands and the one-line error handler) is left out, so adding a subcommand re-runs nothing."""
     from alloc_moe.codehash import code_hash
 
-    scripts = [str(Path(workflow.basedir, e)) for e in entries if e.endswith(".py")]
-    modules = [e for e in entries if not e.endswith(".py")]
-    return code_hash(scripts + (["alloc_moe.cli", *modules] if modules or not scripts else []),
+    if not entries:
+        raise ValueError("code() needs at least one module or workflow script")
+    return code_hash([str(Path(workflow.basedir, e)) if e.endswith(".py") else e for e in entries],
                      package_dir=Path(workflow.basedir, "alloc_moe"))
 
 # A run is one model at one seed: results/<model>-s<seed>/...
