@@ -19,6 +19,7 @@ include: "workflow/rules/accuracy.smk"
 include: "workflow/rules/latency.smk"
 include: "workflow/rules/load_balance.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/manifest.smk"
 
 
 rule all:
@@ -28,6 +29,7 @@ rule all:
         expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "perplexity"], model=MODEL_NAMES),
         "results/summary/latency.csv",
         "results/summary/load_balance.csv",
+        "results/summary/manifest.json",
         expand("results/{run}/figures/{f}.png", run=RUNS, f=["speedup_vs_budget", "expert_load", "load_balance_by_layer",
                                                               "plan_allocation", "experts_vs_entropy"]),
     default_target: True

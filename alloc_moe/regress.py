@@ -19,7 +19,7 @@ import pandas as pd
 
 from .errors import AllocMoeError
 from .io import atomic_path
-from .manifest import MANIFEST, read_manifest
+from .manifest import MANIFEST, changed_files, read_manifest
 
 DIRECTIONS = ("higher", "lower", "either")  # which way is better; 'either': a move beyond tolerance either way regresses
 UNITS = ("auto", "fraction", "percent")  # points rules: accuracy given as 0-1 or 0-100 ('auto': 0-1 if every value is)
@@ -282,7 +282,7 @@ def _metric_group(spec: TableSpec, base, cur, key, col) -> pd.Series:
         return pd.concat([base[col], cur[col]])
     level = spec.keys.index(spec.metric_key)
     name = key[level]
-    pick = lambda df: df[col][df.index.get_level_values(level) == name]  # noqa: E731
+    pick = lambda df: df[col][df.index.get_level_values(level) == name]
     return pd.concat([pick(base), pick(cur)])
 
 
@@ -297,6 +297,11 @@ def check_config(base_dir: Path, cur_dir: Path, allow_change: bool) -> list[str]
         return [f"no manifest: {', '.join(absent)} (config not checked)"]
     hb, hc = (manifests[d]["config_hash"] for d in (base_dir, cur_dir))
     notes = [f"baseline commit {manifests[base_dir].get('git_commit')}, current commit {manifests[cur_dir].get('git_commit')}"]
+    for role, d in (("baseline", base_dir), ("current", cur_dir)):
+        changed = changed_files(d, manifests[d])
+        if changed:
+            notes.append(f"{role}: {', '.join(changed)} no longer match(es) the sha256 in {d / MANIFEST} "
+                         "(edited or removed after the run)")
     if hb != hc:
         if not allow_change:
             raise AllocMoeError(f"config hashes differ (baseline {hb[:12]}, current {hc[:12]}): the runs used different "
