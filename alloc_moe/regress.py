@@ -350,7 +350,7 @@ def print_report(report: pd.DataFrame, notes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 240)  # logs: do not wrap keys at 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 1000)  # logs: one line per row, however long its key
     for note in notes:
         console.print(f"note: {note}")
     moved = report[report["status"] != "ok"].copy()
