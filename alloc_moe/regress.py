@@ -2,10 +2,10 @@
 
 `alloc-moe regress --baseline DIR --current DIR [--tolerance FILE] [--out report.csv]`: DIR is a workflow's results
 directory (`results`, whose tables and manifest live in `summary/`) or the summary directory itself. Every table of
-`TABLES` found in the baseline is compared with the current run's on its key columns (the summary tables' own). Exit codes: 0 nothing regressed, 1 a
-regression (a metric moved the worse way beyond its tolerance, or a baseline row is missing), 2 unusable input
-(a missing table, manifest or column, a duplicate key, a non-numeric value, differing config hashes without
-`--allow-config-change`, a bad tolerance file).
+`TABLES` found in the baseline is compared with the current run's on its key columns (the summary tables' own).
+Exit codes: 0 nothing regressed, 1 a regression (a metric moved the worse way beyond its tolerance, or a baseline
+row is missing), 2 unusable input (a missing table, manifest or column, a duplicate key, a non-numeric value,
+differing config hashes without `--allow-config-change`, a bad tolerance file).
 
 Adding a summary table is one `TABLES` entry; adding a way to compare is one `COMPARISONS` entry.
 """

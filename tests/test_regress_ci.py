@@ -117,7 +117,8 @@ def test_one_item_flipped_passes(work, tmp_path, capsys):
     """A near-tie decided differently on another CPU: one item of 24 either way is within the CI tolerance."""
     summary = _copy_summary(work, tmp_path)
     acc = pd.read_csv(summary / "accuracy.csv", dtype=str, keep_default_na=False)
-    acc.loc[0, "value"] = f"{float(acc.loc[0, 'value']) + (100 / 24 if float(acc.loc[0, 'value']) < 50 else -100 / 24):.6f}"
+    value = float(acc.loc[0, "value"])
+    acc.loc[0, "value"] = f"{value + (100 / 24 if value < 50 else -100 / 24):.6f}"
     acc.to_csv(summary / "accuracy.csv", index=False)
     assert regress(capsys, REFERENCE, tmp_path)[0] == 0
 
