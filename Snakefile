@@ -22,6 +22,7 @@ include: "workflow/rules/accuracy.smk"
 include: "workflow/rules/latency.smk"
 include: "workflow/rules/load_balance.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/manifest.smk"
 
 
 rule all:
@@ -32,6 +33,7 @@ rule all:
                model=MODEL_NAMES),
         "results/summary/latency.csv",
         "results/summary/load_balance.csv",
+        "results/summary/manifest.json",
         expand("results/{run}/figures/{f}.png", run=RUNS, f=["speedup_vs_budget", "expert_load", "load_balance_by_layer",
                                                               "plan_allocation", "experts_vs_entropy"]),
         expand("results/summary/report/{table}_{model}.html", table=PAPER_TABLES, model=MODEL_NAMES),

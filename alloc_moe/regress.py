@@ -1,11 +1,11 @@
 """Regression tracking: compare the summary tables of two runs row by row, with per-metric tolerances.
 
-`alloc-moe regress --baseline DIR --current DIR [--tolerance FILE] [--out report.csv]`: DIR is a run directory
-(`results/<model>`, whose tables live in `summary/`) or the summary directory itself. Every table of `TABLES` found
-in the baseline is compared with the current run's on its key columns. Exit codes: 0 nothing regressed, 1 a
-regression (a metric moved the worse way beyond its tolerance, or a baseline row is missing), 2 unusable input
-(a missing table, manifest or column, a duplicate key, a non-numeric value, differing config hashes without
-`--allow-config-change`, a bad tolerance file).
+`alloc-moe regress --baseline DIR --current DIR [--tolerance FILE] [--out report.csv]`: DIR is a workflow's results
+directory (`results`, whose tables and manifest live in `summary/`) or the summary directory itself. Every table of
+`TABLES` found in the baseline is compared with the current run's on its key columns (the summary tables' own).
+Exit codes: 0 nothing regressed, 1 a regression (a metric moved the worse way beyond its tolerance, or a baseline
+row is missing), 2 unusable input (a missing table, manifest or column, a duplicate key, a non-numeric value,
+differing config hashes without `--allow-config-change`, a bad tolerance file).
 
 Adding a summary table is one `TABLES` entry; adding a way to compare is one `COMPARISONS` entry.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 
 from .errors import AllocMoeError
 from .io import atomic_path
-from .manifest import MANIFEST, read_manifest
+from .manifest import MANIFEST, changed_files, read_manifest
 
 DIRECTIONS = ("higher", "lower", "either")  # which way is better; 'either': a move beyond tolerance either way regresses
 UNITS = ("auto", "fraction", "percent")  # points rules: accuracy given as 0-1 or 0-100 ('auto': 0-1 if every value is)
@@ -44,7 +44,6 @@ class TableSpec:
     stderr: str | None = None  # column with the value's standard error (same unit as the value)
     metric_key: str | None = None  # key column naming a row's metric; `by_metric` rules override per name
     by_metric: dict[str, dict] = field(default_factory=dict)
-    aggregate: str | None = None  # 'median': several rows per key (repeated runs) reduce to their median
 
 
 def _points(base, cur, base_se, cur_se, rule, scale):
@@ -79,16 +78,15 @@ TABLES = {
                    "bits_per_byte": _RELATIVE_LOWER, "perplexity": _RELATIVE_LOWER},
     ),
     "perplexity.csv": TableSpec(
-        keys=("method", "layer_method", "token_allocation", "budget", "family"),
+        keys=("model", "layer_method", "token_allocation", "k_base", "budget", "calibration", "seed", "family"),
         metrics={"ppl": Rule("relative", 0.01, "lower")},
     ),
     "latency.csv": TableSpec(
-        keys=("plan", "layer_method", "token_allocation", "budget", "phase"),
-        metrics={"ms": Rule("relative", 0.10, "lower")},
-        aggregate="median",
+        keys=("model", "seed", "plan", "layer_method", "token_allocation", "budget", "phase"),
+        metrics={"median_ms": Rule("relative", 0.10, "lower")},
     ),
     "load_balance.csv": TableSpec(
-        keys=("model", "plan", "layer", "metric"),
+        keys=("model", "seed", "plan", "layer", "metric"),
         metrics={"value": Rule("absolute", 0.05, "either")},
         metric_key="metric",
     ),
@@ -100,10 +98,10 @@ REPORT_COLUMNS = ["table", "key", "column", "baseline", "current", "change", "th
 # ---- input ----------------------------------------------------------------------------------------------------
 
 def summary_dir(path: str | Path) -> Path:
-    """A run directory's `summary/`, or the directory itself when it holds the tables directly."""
+    """A results directory's `summary/`, or the directory itself when it holds the tables directly."""
     path = Path(path)
     if not path.is_dir():
-        raise AllocMoeError(f"{path} is not a directory; give a run directory (results/<model>) or its summary/")
+        raise AllocMoeError(f"{path} is not a directory; give a results directory (results) or its summary/")
     return path / "summary" if (path / "summary").is_dir() else path
 
 
@@ -144,8 +142,6 @@ def read_table(path: Path, spec: TableSpec) -> pd.DataFrame:
         out[col] = _numeric(df, col, path, lenient=False)
     if spec.stderr:
         out[spec.stderr] = _numeric(df, spec.stderr, path, lenient=True)
-    if spec.aggregate:
-        return out.groupby(list(spec.keys), sort=True).agg(spec.aggregate)
     dup = out.duplicated(list(spec.keys), keep=False)
     if dup.any():
         first = out[dup].iloc[0]
@@ -173,10 +169,12 @@ def _check_rule(where: str, rule: Rule) -> Rule:
         raise AllocMoeError(f"tolerance file: {where}: direction {rule.direction!r}; allowed: {', '.join(DIRECTIONS)}")
     if rule.unit not in UNITS:
         raise AllocMoeError(f"tolerance file: {where}: unit {rule.unit!r}; allowed: {', '.join(UNITS)}")
-    for name in ("tolerance", "stderr_factor"):
+    for name, allowed in (("tolerance", "a number >= 0 (.inf: reported, never a regression)"),
+                          ("stderr_factor", "a finite number >= 0")):
         value = getattr(rule, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise AllocMoeError(f"tolerance file: {where}: {name} must be a finite number >= 0, got {value!r}")
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not number or not (math.isfinite(value) or (name == "tolerance" and value == math.inf)) or value < 0:
+            raise AllocMoeError(f"tolerance file: {where}: {name} must be {allowed}, got {value!r}")
     return rule
 
 
@@ -282,12 +280,13 @@ def _metric_group(spec: TableSpec, base, cur, key, col) -> pd.Series:
         return pd.concat([base[col], cur[col]])
     level = spec.keys.index(spec.metric_key)
     name = key[level]
-    pick = lambda df: df[col][df.index.get_level_values(level) == name]  # noqa: E731
+    pick = lambda df: df[col][df.index.get_level_values(level) == name]
     return pd.concat([pick(base), pick(cur)])
 
 
 def check_config(base_dir: Path, cur_dir: Path, allow_change: bool) -> list[str]:
-    """Refuse runs of different configs (or without manifests) unless allowed; return notes for the report."""
+    """Refuse runs of different configs (or without manifests) unless allowed; return notes for the report (commits,
+    tables that no longer match their manifest's sha256)."""
     manifests = {d: read_manifest(d) for d in (base_dir, cur_dir)}
     absent = [str(d / MANIFEST) for d, m in manifests.items() if m is None]
     if absent:
@@ -297,6 +296,11 @@ def check_config(base_dir: Path, cur_dir: Path, allow_change: bool) -> list[str]
         return [f"no manifest: {', '.join(absent)} (config not checked)"]
     hb, hc = (manifests[d]["config_hash"] for d in (base_dir, cur_dir))
     notes = [f"baseline commit {manifests[base_dir].get('git_commit')}, current commit {manifests[cur_dir].get('git_commit')}"]
+    for role, d in (("baseline", base_dir), ("current", cur_dir)):
+        changed = changed_files(d, manifests[d])
+        if changed:
+            notes.append(f"{role}: {', '.join(changed)} no longer match(es) the sha256 in {d / MANIFEST} "
+                         "(edited or removed after the run)")
     if hb != hc:
         if not allow_change:
             raise AllocMoeError(f"config hashes differ (baseline {hb[:12]}, current {hc[:12]}): the runs used different "
@@ -346,7 +350,7 @@ def print_report(report: pd.DataFrame, notes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 240)  # logs: do not wrap keys at 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 1000)  # logs: one line per row, however long its key
     for note in notes:
         console.print(f"note: {note}")
     moved = report[report["status"] != "ok"].copy()
@@ -385,8 +389,8 @@ def register_cli(sub) -> None:
         description="Compare the summary tables of two runs row by row on their key columns. Exit 0: nothing "
                     "regressed; 1: a metric moved the worse way beyond its tolerance or a baseline row is missing; "
                     "2: unusable input.")
-    p.add_argument("--baseline", required=True, metavar="DIR", help="run directory (results/<model>) or its summary/")
-    p.add_argument("--current", required=True, metavar="DIR", help="run directory (results/<model>) or its summary/")
+    p.add_argument("--baseline", required=True, metavar="DIR", help="results directory (results) or its summary/")
+    p.add_argument("--current", required=True, metavar="DIR", help="results directory (results) or its summary/")
     p.add_argument("--tolerance", metavar="FILE.yaml", help="per-table, per-metric tolerances (defaults built in)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="compare runs whose config hashes differ (or that have no manifest)")

@@ -20,12 +20,16 @@ ACC_ROWS = [
     "embedded,uniform,topk,1,32,synthetic,hf,arc_easy,,acc,0,0.550000,0.010000",
     "embedded,uniform,topk,1,32,synthetic,hf,wikitext,,word_perplexity,0,40.0,",
 ]
-PPL_HEADER = "method,layer_method,token_allocation,budget,family,ppl,ppl_change_pct"
-PPL_ROWS = ["original,original,topk,64.0,all,100.0,0.0", "alloc-l+topk,alloc-l,topk,32.0,all,104.0,4.0"]
-LAT_HEADER = "plan,layer_method,token_allocation,budget,phase,run,ms"
-LAT_ROWS = [f"alloc-l__topk__B32,alloc-l,topk,32,decode,{i},{ms}" for i, ms in enumerate([10.0, 11.0, 12.0])]
-LB_HEADER = "model,plan,layer,metric,value"
-LB_ROWS = ["embedded,alloc-l__topk__B32,1,spearman,0.900", "embedded,alloc-l__topk__B32,1,js,0.020"]
+# the headers of the workflow's results/summary/*.csv
+PPL_HEADER = ("model,method,layer_method,token_allocation,k_base,budget,calibration,seed,family,ppl,n_tokens,"
+              "activations_per_token,ppl_change_pct")
+PPL_ROWS = ["embedded,Original,original,topk,,64.0,,0,all,100.0,775,64.0,0.0",
+            "embedded,Alloc-L,alloc-l,topk,,32.0,balanced,0,all,104.0,775,32.0,4.0"]
+LAT_HEADER = "model,plan,method,layer_method,token_allocation,budget,phase,median_ms,speedup,ideal_speedup,seed"
+LAT_ROWS = ["embedded,alloc-l__topk__kb1__balanced__B32,alloc-l+topk,alloc-l,topk,32.0,decode,11.0,1.2,1.5,0"]
+LB_HEADER = "model,plan,layer_method,token_allocation,budget,layer,metric,value,seed"
+LB_ROWS = ["embedded,alloc-l__topk__kb1__balanced__B32,alloc-l,topk,32.0,1,spearman,0.900,0",
+           "embedded,alloc-l__topk__kb1__balanced__B32,alloc-l,topk,32.0,1,js_divergence,0.020,0"]
 
 
 def make_run(root, name, acc=ACC_ROWS, ppl=PPL_ROWS, lat=LAT_ROWS, lb=LB_ROWS, config=CONFIG, manifest=True):
@@ -109,20 +113,23 @@ def test_perplexity_like_accuracy_metric_is_relative_and_lower_is_better(tmp_pat
     assert row.status == "regressed" and row.unit == "rel" and row.change == pytest.approx(0.02)
 
 
+def _latency(ms: float) -> list[str]:
+    return [LAT_ROWS[0].replace(",11.0,", f",{ms},")]
+
+
 def test_planted_latency_slowdown_is_caught(tmp_path, base, capsys):
-    slow = [f"alloc-l__topk__B32,alloc-l,topk,32,decode,{i},{ms}" for i, ms in enumerate([12.0, 12.5, 13.0])]
-    code, out, _ = cli(capsys, "--baseline", base, "--current", make_run(tmp_path, "cur", lat=slow))
+    code, out, _ = cli(capsys, "--baseline", base, "--current", make_run(tmp_path, "cur", lat=_latency(12.5)))
     assert code == 1
     assert "phase=decode" in out
     report, _ = regress(base, tmp_path / "cur")
     row = report[report.table == "latency.csv"].iloc[0]
-    assert (row.baseline, row.current) == (11.0, 12.5)  # medians of the runs
+    assert (row.column, row.baseline, row.current) == ("median_ms", 11.0, 12.5)
     assert row.change == pytest.approx(12.5 / 11 - 1)
 
 
 def test_latency_within_tolerance_or_faster_passes(tmp_path, base):
     for name, factor, status in [("slightly", 1.09, "ok"), ("faster", 0.5, "improved")]:
-        rows = [r.rsplit(",", 1)[0] + f",{float(r.rsplit(',', 1)[1]) * factor}" for r in LAT_ROWS]
+        rows = _latency(11.0 * factor)
         report, _ = regress(base, make_run(tmp_path, name, lat=rows))
         assert report[report.table == "latency.csv"].status.tolist() == [status], name
 
@@ -145,10 +152,21 @@ def test_load_balance_moves_either_way_regress(tmp_path, base):
     assert report[report.table == "load_balance.csv"].status.tolist() == ["ok", "regressed"]  # sorted: js, spearman
 
 
+def test_runs_of_several_seeds_are_kept_apart(tmp_path):
+    """A multi-seed config (the fidelity study) repeats every row per seed: seed is a key column of every table."""
+    ppl = [*PPL_ROWS, *(r.replace(",0,all,", ",1,all,") for r in PPL_ROWS)]
+    lat, lb = ([*rows, *(r[:-2] + ",1" for r in rows)] for rows in (LAT_ROWS, LB_ROWS))
+    base = make_run(tmp_path, "base", ppl=ppl, lat=lat, lb=lb)
+    worse = [*ppl[:3], ppl[3].replace(",104.0,", ",110.0,")]  # Alloc-L, seed 1 only
+    report, _ = regress(base, make_run(tmp_path, "cur", ppl=worse, lat=lat, lb=lb))
+    moved = report[report.status != "ok"]
+    assert moved.status.tolist() == ["regressed"] and "seed=1" in moved.key.iloc[0]
+
+
 def test_missing_row_regresses_new_row_is_info(tmp_path, base, capsys):
     code, out, _ = cli(capsys, "--baseline", base, "--current", make_run(tmp_path, "less", ppl=PPL_ROWS[:1]))
-    assert code == 1 and "missing" in out and "method=alloc-l+topk" in out
-    more = [*PPL_ROWS, "uniform+topk,uniform,topk,32.0,all,106.0,6.0"]
+    assert code == 1 and "missing" in out and "layer_method=alloc-l" in out
+    more = [*PPL_ROWS, "embedded,Uniform,uniform,topk,,32.0,none,0,all,106.0,775,32.0,6.0"]
     code, out, _ = cli(capsys, "--baseline", base, "--current", make_run(tmp_path, "more", ppl=more))
     assert code == 0 and "1 new" in out
 
@@ -171,8 +189,8 @@ def test_unusable_input_exits_2_with_one_line(tmp_path, base, capsys, case, mess
     elif case == "missing file":
         make_run(tmp_path, "cur", lat=None)
     elif case == "non-numeric":
-        make_run(tmp_path, "cur", lat=[LAT_ROWS[0].replace(",10.0", ",fast")])
-    code, out, err = cli(capsys, "--baseline", base, "--current", cur)
+        make_run(tmp_path, "cur", lat=[LAT_ROWS[0].replace(",11.0,", ",fast,")])
+    code, _, err = cli(capsys, "--baseline", base, "--current", cur)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -200,7 +218,7 @@ def test_tolerance_file_loosens_and_tightens(tmp_path, base):
     loose.write_text("accuracy:\n  value: {tolerance: 6, stderr_factor: 0}\n")
     assert set(regress(base, cur, loose)[0].status) == {"ok"}
     tight = tmp_path / "tight.yaml"
-    tight.write_text("latency.csv:\n  ms: {tolerance: 0.0}\naccuracy.csv:\n  value:\n    by_metric:\n"
+    tight.write_text("latency.csv:\n  median_ms: {tolerance: 0.0}\naccuracy.csv:\n  value:\n    by_metric:\n"
                      "      word_perplexity: {tolerance: 0.0}\n")
     same = make_run(tmp_path, "same")
     assert set(regress(base, same, tight)[0].status) == {"ok"}  # equal values stay ok at zero tolerance
@@ -209,8 +227,10 @@ def test_tolerance_file_loosens_and_tightens(tmp_path, base):
 @pytest.mark.parametrize("text, message", [
     ("accuracy.csv:\n  value: {tolernce: 2}\n", "unknown field(s) tolernce"),
     ("speed.csv: {}\n", "unknown table 'speed.csv'"),
-    ("latency.csv:\n  ms: {direction: up}\n", "direction 'up'"),
-    ("latency.csv:\n  ms: {tolerance: -1}\n", "tolerance must be a finite number >= 0"),
+    ("latency.csv:\n  median_ms: {direction: up}\n", "direction 'up'"),
+    ("latency.csv:\n  median_ms: {tolerance: -1}\n", "tolerance must be a number >= 0"),
+    ("latency.csv:\n  median_ms: {tolerance: .nan}\n", "tolerance must be a number >= 0 (.inf"),
+    ("latency.csv:\n  median_ms: {stderr_factor: .inf}\n", "stderr_factor must be a finite number >= 0"),
     ("perplexity.csv:\n  ppl: {by_metric: {x: {tolerance: 1}}}\n", "by_metric is not allowed"),
     ("[unclosed\n", "not readable YAML"),
 ])
@@ -243,6 +263,34 @@ def test_manifest_records_hash_commit_versions_hardware(tmp_path):
     assert path == tmp_path / "summary/manifest.json"
     assert manifest["config_hash"] == config_hash(CONFIG) and manifest["config"] == CONFIG
     assert {"git_commit", "torch", "transformers", "python", "platform", "cpu"} <= set(manifest)
+    assert manifest["packages"]["pandas"] == pd.__version__ and manifest["hardware"]["cpu_count"] >= 1
+    assert manifest["files"] == {}
+
+
+def test_manifest_hashes_its_tables_and_regress_notes_an_edited_one(tmp_path, capsys):
+    import hashlib
+
+    base = make_run(tmp_path, "base", manifest=False)
+    tables = sorted((base / "summary").glob("*.csv"))
+    manifest = json.loads(write_manifest(base, CONFIG, files=tables).read_text())
+    assert manifest["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tables}
+    cur = make_run(tmp_path, "cur")
+    code, out, _ = cli(capsys, "--baseline", base, "--current", cur)
+    assert code == 0 and "no longer match" not in out
+    edited = base / "summary/perplexity.csv"
+    edited.write_text(edited.read_text().replace(",104.0,", ",103.9,"))
+    code, out, _ = cli(capsys, "--baseline", base, "--current", cur)
+    assert code == 0 and "baseline: perplexity.csv no longer match(es) the sha256" in out
+
+
+def test_infinite_tolerance_reports_but_never_regresses(tmp_path, base):
+    tol = tmp_path / "tol.yaml"
+    tol.write_text("latency.csv:\n  median_ms: {tolerance: .inf}\n")
+    report, _ = regress(base, make_run(tmp_path, "slow", lat=_latency(110.0)), tol)
+    row = report[report.table == "latency.csv"].iloc[0]
+    assert row.status == "ok" and row.change == pytest.approx(9.0)
+    fewer = make_run(tmp_path, "fewer", lat=[r.replace("decode", "prefill") for r in LAT_ROWS])
+    assert "missing" in regress(base, fewer, tol)[0].status.tolist()  # a row that disappears still fails
 
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)

@@ -49,6 +49,7 @@ rule summarize_load_balance:
     output:
         "results/summary/load_balance.csv",
     params:
+        seeds=[RUNS[run][1] for run in RUNS],
         code=code("workflow/scripts/summarize_load_balance.py"),
     log:
         "results/logs/summarize_load_balance.log",

@@ -6,4 +6,6 @@ import pandas as pd
 
 from alloc_moe.summary import write_csv
 
-write_csv(pd.concat([pd.read_csv(p) for p in snakemake.input], ignore_index=True), snakemake.output[0])
+# one run per (model, seed): the seed column keeps the runs of a multi-seed config apart, as in latency.csv
+frames = [pd.read_csv(path).assign(seed=seed) for path, seed in zip(snakemake.input, snakemake.params.seeds)]
+write_csv(pd.concat(frames, ignore_index=True), snakemake.output[0])
