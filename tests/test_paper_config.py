@@ -179,3 +179,16 @@ def test_workflow_model_configs_are_the_zoos(name):
     """config/models/ (read by the workflow, shipped in the container's /app) and alloc_moe/configs/ (package data,
     the zoo's topologies) hold the same published config.json."""
     assert (ROOT / "config/models" / f"{name}.json").read_bytes() == (ROOT / "alloc_moe/configs" / f"{name}.json").read_bytes()
+
+
+@pytest.mark.parametrize("configfile", [None, "config/paper.yaml"])
+def test_snakemake_lint_is_clean(configfile):
+    """`snakemake --lint` finds nothing to complain about, for the embedded default and the paper config."""
+    snakemake = Path(sys.executable).with_name("snakemake")
+    if not snakemake.exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    extra = ["--configfile", configfile] if configfile else []
+    res = subprocess.run([str(snakemake), "--lint", *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0 and "Congratulations, your workflow is in a good condition!" in res.stdout + res.stderr, (
+        res.stdout[-3000:] + res.stderr[-3000:])

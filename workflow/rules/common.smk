@@ -38,8 +38,9 @@ if _error is not None:
 validate(config, "../schemas/config.schema.yaml")  # fills in the schema's defaults
 
 # Rules call the `alloc-moe` console script; make the one next to this Python first on PATH (a venv that is not
-# activated). Under --use-conda the env's own bin comes first.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# activated). Under --use-conda the env's own bin comes first. Not an `envvars:` case: nothing is required from the
+# user, and cluster jobs must keep their own PATH, so it is only prepended here, for jobs started from this process.
+os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
 from alloc_moe.data import SOURCES  # hub text sources (wikitext2, c4, pile): the `download` rule fetches them
 
@@ -55,9 +56,9 @@ K_BASE = config.get("k_base", 1)
 
 
 def code(*entries):
-    """Hash of the code a rule runs: the named alloc_moe modules (the one holding the `alloc-moe` subcommand the rule
+    """Hash of the code behind a job, from the named alloc_moe modules (the one holding the `alloc-moe` subcommand it
     calls, whose `register_cli` parses its arguments) or workflow scripts, each with the alloc_moe modules it imports
-    (transitively). A rule re-runs when that code changes, and only then. The `alloc-moe` dispatcher (`cli.py`: the
+    (transitively). Jobs re-run when that code changes, and only then. The `alloc-moe` dispatcher (`cli.py`: the
     list of subcommands and the one-line error handler) is left out, so adding a subcommand re-runs nothing."""
     from alloc_moe.codehash import code_hash
 
@@ -162,3 +163,67 @@ for _key, _name in [*(("calibration", c) for c in CAL_SETS), ("evaluation.text",
 for _key, _path in DOWNLOAD.get("local", {}).items():
     if not os.path.isfile(_path):
         config_fail(f"download.local.{_key}: local copy {_path!r} not found")
+
+
+# --- train / make-model arguments (rules/model.smk) ---
+
+def _train_args(wildcards):
+    spec = spec_of(wildcards.run)["train"]
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spec.items())
+
+
+def _make_args(wildcards):
+    spec = spec_of(wildcards.run)["make"]
+    flags = {"arch": "--arch", "topology": "--topology", "layers": "--layers", "width": "--width",
+             "router_std": "--router-std"}
+    return " ".join(f"{flags[k]} {v}" for k, v in spec.items())
+
+
+# --- plan inputs (rules/plans.smk) ---
+
+def _plan_inputs(wc):
+    # alloc-l needs Algorithm 1 on its calibration set; the data-free methods read layers and K_orig from LExI's
+    # cheap profile; top-p / naee calibrate their thresholds on recorded routing scores
+    profile = f"ppl_{wc.calib}.csv" if wc.layer == "alloc-l" else "lexi.csv"
+    ins = {"sensitivity": f"results/{wc.run}/sensitivity/{profile}"}
+    if wc.token in ("top-p", "naee"):
+        ins["routing"] = f"results/{wc.run}/routing/{wc.calib}.pt"
+    return ins
+
+
+# --- latency (rules/latency.smk): the top-level `latency:` config key ---
+LAT = config.get("latency", {})
+LAT_DEVICE = str(LAT.get("device", "cpu"))
+LAT_METHODS = LAT.get("methods", [{"layer": "uniform", "token": "topk"}, {"layer": "lexi", "token": "topk"},
+                                  {"layer": "alloc-l", "token": "alloc-t"}])
+
+
+def latency_plans(run):
+    ids = [plan_id(m["layer"], m["token"], K_BASE, _calib_of(m["layer"], m["token"]), b)
+           for b in spec_of(run)["budgets"] for m in LAT_METHODS]
+    return [f"results/{run}/plans/{p}.json" for p in dict.fromkeys(ids)]
+
+
+# --- load balance (rules/load_balance.smk): the `load_balance:` config key ---
+LB = config.get("load_balance", {})
+
+
+def lb_plans(run):
+    ids = LB.get("plans") or plan_ids(run)
+    return [f"results/{run}/plans/{p}.json" for p in ids]
+
+
+def lb_figure_plan(run):
+    """The plan the per-plan figures show: `load_balance.figure_plan` (a plan id), else Alloc-MoE at the lowest budget."""
+    b = min(spec_of(run)["budgets"])
+    plan = LB.get("figure_plan") or plan_id("alloc-l", "alloc-t", K_BASE, CAL_DEFAULT, b)
+    return f"results/{run}/plans/{plan}.json"
+
+
+# --- summary (rules/summary.smk) ---
+
+def all_evals(wildcards=None):
+    return [f"results/{run}/eval/{p}.json" for run in RUNS for p in ["original", *plan_ids(run)]]
+
+
+MODEL_NAMES = sorted(config["models"])

@@ -1,18 +1,6 @@
 # Latency (paper 4.2 / Fig. 5, Appendix A.2): prefill and decode latency of the original model and its plans,
 # interleaved run by run in one process, with the ideal speedup (only the expert GEMMs shrink) next to it.
 # Settings: the top-level `latency:` config key. The embedded default runs a short protocol on CPU.
-LAT = config.get("latency", {})
-LAT_DEVICE = str(LAT.get("device", "cpu"))
-LAT_METHODS = LAT.get("methods", [{"layer": "uniform", "token": "topk"}, {"layer": "lexi", "token": "topk"},
-                                  {"layer": "alloc-l", "token": "alloc-t"}])
-
-
-def latency_plans(run):
-    ids = [plan_id(m["layer"], m["token"], K_BASE, _calib_of(m["layer"], m["token"]), b)
-           for b in spec_of(run)["budgets"] for m in LAT_METHODS]
-    return [f"results/{run}/plans/{p}.json" for p in dict.fromkeys(ids)]
-
-
 rule latency:
     input:
         model_input,

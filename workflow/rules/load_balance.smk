@@ -1,20 +1,5 @@
 # Load balance (paper 4.4 / Figs. 7, 8; 4.5 / Fig. 12): per-layer expert-load fidelity of each plan vs the original
 # on the held-out text, and Alloc-T's experts per token vs routing entropy. Settings: the `load_balance:` config key.
-LB = config.get("load_balance", {})
-
-
-def lb_plans(run):
-    ids = LB.get("plans") or plan_ids(run)
-    return [f"results/{run}/plans/{p}.json" for p in ids]
-
-
-def lb_figure_plan(run):
-    """The plan the per-plan figures show: `load_balance.figure_plan` (a plan id), else Alloc-MoE at the lowest budget."""
-    b = min(spec_of(run)["budgets"])
-    plan = LB.get("figure_plan") or plan_id("alloc-l", "alloc-t", K_BASE, CAL_DEFAULT, b)
-    return f"results/{run}/plans/{plan}.json"
-
-
 rule load_balance:
     input:
         model_input,
@@ -27,6 +12,7 @@ rule load_balance:
     params:
         model=model_dir,
         name=lambda wc: RUNS[wc.run][0],
+        calib=lambda wc, input: input.text or EVAL_TEXT,
         seq_len=LB.get("seq_len", EVAL.get("seq_len", 64)),
         max_tokens=LB.get("max_tokens", 8192),
         batch_size=LB.get("batch_size", 16),
@@ -37,7 +23,7 @@ rule load_balance:
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe load-balance --model {params.model} --model-name {params.name} --calib " + EVAL_TEXT + " "
+        "alloc-moe load-balance --model {params.model} --model-name {params.name} --calib {params.calib} "
         "--seq-len {params.seq_len} --max-tokens {params.max_tokens} --batch-size {params.batch_size} "
         "--threads {threads} --no-progress --plans {input.plans} --out {output.metrics} --loads {output.loads} "
         "--tokens {output.tokens} > {log} 2>&1"

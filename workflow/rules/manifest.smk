@@ -3,12 +3,12 @@
 # It is written after the last summary table and again whenever one of them, the config or its code changes.
 from alloc_moe.manifest import config_hash
 
-SUMMARY_TABLES = ["accuracy", "perplexity", "latency", "load_balance"]
+MANIFEST_TABLES = ["accuracy", "perplexity", "latency", "load_balance"]
 
 
 rule manifest:
     input:
-        expand("results/summary/{table}.csv", table=SUMMARY_TABLES),
+        expand("results/summary/{table}.csv", table=MANIFEST_TABLES),
     output:
         "results/summary/manifest.json",
     params:

@@ -1,8 +1,3 @@
-def _train_args(wildcards):
-    spec = spec_of(wildcards.run)["train"]
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spec.items())
-
-
 rule train:
     output:
         directory("results/{run}/model"),
@@ -20,13 +15,6 @@ rule train:
     shell:
         "alloc-moe train {params.args} --seed {params.seed} --threads {threads} --no-progress --overwrite "
         "--out {output} > {log} 2>&1"
-
-
-def _make_args(wildcards):
-    spec = spec_of(wildcards.run)["make"]
-    flags = {"arch": "--arch", "topology": "--topology", "layers": "--layers", "width": "--width",
-             "router_std": "--router-std"}
-    return " ".join(f"{flags[k]} {v}" for k, v in spec.items())
 
 
 rule make_model:

@@ -1,13 +1,3 @@
-def _plan_inputs(wc):
-    # alloc-l needs Algorithm 1 on its calibration set; the data-free methods read layers and K_orig from LExI's
-    # cheap profile; top-p / naee calibrate their thresholds on recorded routing scores
-    ins = {"sensitivity": f"results/{wc.run}/sensitivity/"
-                          + (f"ppl_{wc.calib}.csv" if wc.layer == "alloc-l" else "lexi.csv")}
-    if wc.token in ("top-p", "naee"):
-        ins["routing"] = f"results/{wc.run}/routing/{wc.calib}.pt"
-    return ins
-
-
 rule plan:
     input:
         unpack(_plan_inputs),

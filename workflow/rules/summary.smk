@@ -1,13 +1,6 @@
 from alloc_moe.manifest import config_hash
 
 
-def all_evals(wildcards=None):
-    return [f"results/{run}/eval/{p}.json" for run in RUNS for p in ["original", *plan_ids(run)]]
-
-
-MODEL_NAMES = sorted(config["models"])
-
-
 rule summarize:
     input:
         all_evals(),
