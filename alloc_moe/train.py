@@ -201,6 +201,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
         torch.set_rng_state(state["rng"])
         start, history = state["step"], state["history"]
     model.train()
+    # Multi-threaded CPU backward of `hidden[token_idx]` (the MoE blocks' gather) accumulates with index_put_, whose
+    # default CPU kernel sums in thread-dependent order: 2-thread runs of one config diverged within 40 steps
+    # (measured). The deterministic kernel makes a run reproducible for a seed and thread count.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     tap = RouterTap(model)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, unit="step")
     t0, tokens = time.perf_counter(), 0
@@ -231,6 +236,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
     finally:
         bar.close()
         tap.remove()
+        torch.use_deterministic_algorithms(deterministic)
     model.eval()
     probe = data[-1][:8]
     summary = {
