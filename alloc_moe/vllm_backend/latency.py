@@ -36,7 +36,8 @@ def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, pro
     if min(batch, prompt, runs) < 1 or decode < 2 or warmup < 0:
         raise AllocMoeError(f"latency needs batch, prompt, runs >= 1, decode >= 2, warmup >= 0; got batch={batch} "
                             f"prompt={prompt} decode={decode} warmup={warmup} runs={runs}")
-    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, **{"max_num_seqs": max(batch, 1), **backend_args})
+    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, model=model,
+                                  **{"max_num_seqs": max(batch, 1), **backend_args})
     for _, plan in plans:
         if plan is not None:
             engine.check_plan_for_model(model, plan)
@@ -60,6 +61,7 @@ def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, pro
     return rows
 
 
-def record(**backend_args) -> dict:
-    """Provenance for latency results of this backend (vLLM version, scheduler settings)."""
-    return engine.engine_record({**engine.SCHEDULER, **backend_args})
+def record(model: str | None = None, **backend_args) -> dict:
+    """Provenance for latency results of this backend (vLLM version, scheduler settings, the model's engine args)."""
+    return engine.engine_record({**engine.SCHEDULER, **(engine.model_engine_args(model) if model else {}),
+                                 **backend_args})

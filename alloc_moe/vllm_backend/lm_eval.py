@@ -48,7 +48,7 @@ def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, devic
     """
     if stats is not None:
         raise AllocMoeError("the vllm backend does not collect routing statistics; use --backend hf for them")
-    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, **backend_args)  # validates before anything starts
+    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, model=model, **backend_args)  # validates first
     if plan is not None:
         engine.check_plan_for_model(model, plan)
     record = engine.engine_record(kwargs) | {"device": device}
