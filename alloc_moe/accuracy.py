@@ -209,12 +209,13 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
     """Evaluate every plan (None = the original model) on `tasks`; returns one result dict per plan.
 
     With `perplexity_data` (a text source, see `data.load_calibration`), each result also holds the perplexity
-    overall and per family and the expert pairs computed on that text (HF backend).
+    overall and per family and the expert pairs computed on that text, always with transformers (`alloc_moe.apply`),
+    whatever `backend` scores the tasks: vLLM's workers report no routing statistics.
     """
     import lm_eval
     from lm_eval.utils import setup_logging
 
-    from .moe_model import moe_layers
+    from .moe_model import config_moe_layers, moe_layers
     from .provenance import environment
 
     if backend not in ACCURACY_BACKENDS:
@@ -225,8 +226,6 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
     label = model_label or Path(model).name
     windows = None
     if perplexity_data is not None:
-        if backend != "hf":
-            raise AllocMoeError(f"--perplexity needs the hf backend, not {backend!r}")
         from .data import load_calibration, tokenize_windows
 
         windows = tokenize_windows(load_calibration(perplexity_data), _load_hf(model, dtype, device)[1],
@@ -243,10 +242,8 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 log_samples=False, verbosity="ERROR")
             engine = getattr(lm, "alloc_moe_record", None)  # vLLM: version, scheduler settings, Alloc-T scope
-        k_orig = num_layers = None
-        if backend == "hf":
-            layers = moe_layers(_load_hf(model, dtype, device)[0])
-            k_orig, num_layers = layers[0].k_orig, len(layers)
+        layers = moe_layers(_load_hf(model, dtype, device)[0]) if backend == "hf" else config_moe_layers(model)
+        k_orig, num_layers = (layers[0].k_orig, len(layers)) if layers else (None, None)
         fields = plan_fields(plan, k_orig=k_orig, num_layers=num_layers)
         rows = []
         for spec, _ in tasks:

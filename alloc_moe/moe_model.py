@@ -78,24 +78,31 @@ def check_plan_fits(plan, layers: list[MoeLayer]) -> None:
             raise AllocMoeError(f"plan gives layer {m.index} K={k}, above the model's K_orig={m.k_orig}")
 
 
-def check_plans_fit_model_dir(model_path: str, plans: list[tuple[str, "Plan | None"]]) -> None:  # noqa: F821
-    """Every (label, plan) fits the model `model_path` (a directory, or a hub id whose config is cached), checked on
-    a parameter-free (meta device) copy built from its config, so a wrong plan fails before any weight is loaded.
-    A hub id whose config cannot be read here is skipped (`apply` checks after loading)."""
+def config_moe_layers(model_path: str) -> list[MoeLayer] | None:
+    """The MoE layers of `model_path` (a directory, or a hub id whose config is cached) from a parameter-free (meta
+    device) copy built from its config; None for a hub id whose config cannot be read here."""
     import os
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not any(plan is not None for _, plan in plans):
-        return
     try:
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         if not os.path.isdir(model_path):
-            return
+            return None
         raise AllocMoeError(f"cannot read the model config in {model_path}: {str(e).strip().splitlines()[0]}") from None
     with torch.device("meta"):
-        layers = moe_layers(AutoModelForCausalLM.from_config(config, trust_remote_code=False))
+        return moe_layers(AutoModelForCausalLM.from_config(config, trust_remote_code=False))
+
+
+def check_plans_fit_model_dir(model_path: str, plans: list[tuple[str, "Plan | None"]]) -> None:  # noqa: F821
+    """Every (label, plan) fits the model `model_path`, checked on `config_moe_layers`, so a wrong plan fails before
+    any weight is loaded. A hub id whose config cannot be read here is skipped (`apply` checks after loading)."""
+    if not any(plan is not None for _, plan in plans):
+        return
+    layers = config_moe_layers(model_path)
+    if layers is None:
+        return
     for label, plan in plans:
         if plan is not None:
             try:

@@ -22,7 +22,7 @@ from vllm_helpers import (  # noqa: E402
     LOGPROB_TOL, hf_greedy, hf_model, hf_prompt_logprobs, plan_for, prompts, vllm_one_by_one, vllm_run, write_zoo,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 ARCHS = ["olmoe", "qwen3_moe", "deepseek_v2"]
 GREEDY = 6
 

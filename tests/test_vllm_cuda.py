@@ -21,7 +21,7 @@ from vllm_helpers import (  # noqa: E402
     LOGPROB_TOL, hf_model, hf_prompt_logprobs, plan_for, prompts, vllm_one_by_one, write_zoo,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.cuda]
+pytestmark = [pytest.mark.slow, pytest.mark.cuda, pytest.mark.vllm]
 MODES = {
     "topk": dict(ks=[1, 2, 3]),
     "alloc-t": dict(ks=[2.5, 1.5, 3.25]),

@@ -8,7 +8,7 @@ from alloc_moe import AllocMoeError  # noqa: E402
 from alloc_moe.vllm_backend.latency import measure, record  # noqa: E402
 from vllm_helpers import plan_for, write_zoo  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_measure_rows(tmp_path):

