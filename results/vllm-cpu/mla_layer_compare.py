@@ -21,7 +21,7 @@ os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-import torch  # noqa: E402
+import torch
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
@@ -78,6 +78,7 @@ def main():
     real = rot.forward
 
     def spy(positions, q, k, *a, **kw):
+        rope_in.setdefault("strides", (q.stride(), k.stride()))
         rope_in.setdefault("in", (positions.clone(), q.clone(), k.clone()))
         out = real(positions, q, k, *a, **kw)
         rope_in.setdefault("out", tuple(t.clone() for t in out))
@@ -102,8 +103,8 @@ def main():
     q_out, k_out = rope_in["out"]
     q_ref, k_ref = rot.forward_native(pos, q.clone(), k.clone())
     print(f"\nlayer 0 RoPE, engine output vs vLLM's PyTorch path on the same inputs: q {float((q_out - q_ref).abs().max()):.2e}"
-          f", k {float((k_out - k_ref).abs().max()):.2e}; q {tuple(q.shape)} stride {q.stride()}, "
-          f"k {tuple(k.shape)} stride {k.stride()}")
+          f", k {float((k_out - k_ref).abs().max()):.2e}; q {tuple(q.shape)} strides {rope_in['strides'][0]}, "
+          f"k {tuple(k.shape)} strides {rope_in['strides'][1]}")
 
 
 if __name__ == "__main__":
