@@ -209,8 +209,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
     """Evaluate every plan (None = the original model) on `tasks`; returns one result dict per plan.
 
     With `perplexity_data` (a text source, see `data.load_calibration`), each result also holds the perplexity
-    overall and per family and the expert pairs computed on that text, always with transformers (`alloc_moe.apply`),
-    whatever `backend` scores the tasks: vLLM's workers report no routing statistics.
+    overall and per family and the expert pairs computed on that text (HF backend).
     """
     import lm_eval
     from lm_eval.utils import setup_logging
@@ -226,6 +225,8 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
     label = model_label or Path(model).name
     windows = None
     if perplexity_data is not None:
+        if backend != "hf":
+            raise AllocMoeError(f"--perplexity needs the hf backend, not {backend!r}")
         from .data import load_calibration, tokenize_windows
 
         windows = tokenize_windows(load_calibration(perplexity_data), _load_hf(model, dtype, device)[1],

