@@ -75,3 +75,20 @@ def test_workflow_runs_through_vllm(tmp_path):
     assert "vllm_version" in json.dumps(lat)
     rows = pd.read_csv(work / "results/tiny-s0/latency/latency.csv")
     assert set(rows.plan) >= {"original"} and len(set(rows.plan)) == 2 and (rows.ms > 0).any()
+
+
+def test_embedded_default_through_vllm_dry_run(tmp_path):
+    """config/vllm.yaml over the embedded default: every accuracy and latency job of the main job goes through vLLM,
+    nothing else changes (no perplexity figure, which needs the hf backend)."""
+    from test_paper_config import ROOT, _jobs
+    from test_paper_config import _snakemake as _snakemake_configs
+
+    base = _snakemake_configs(tmp_path / "hf", [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
+    res = _snakemake_configs(tmp_path / "vllm", [ROOT / "config/vllm.yaml"], "-n", "--printshellcmds")
+    assert base.returncode == 0 and res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _backend_of(res.stdout, "eval") == {"vllm"} and _backend_of(res.stdout, "latency") == {"vllm"}
+    assert _backend_of(base.stdout, "eval") == {"hf"}
+    (jobs_hf, _), (jobs_vllm, outputs_vllm) = _jobs(base.stdout), _jobs(res.stdout)
+    n_acc = [sum(n for rule, n in jobs.items() if rule.startswith("accuracy_")) for jobs in (jobs_hf, jobs_vllm)]
+    assert n_acc[0] == n_acc[1] > 0 and jobs_vllm["latency"] == jobs_hf["latency"] > 0
+    assert "figure_perplexity" in jobs_hf and not outputs_vllm.get("figure_perplexity")
