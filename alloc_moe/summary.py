@@ -1,6 +1,7 @@
 """Tidy result tables (accuracy, perplexity) and the paper's Tables 2-4 from the JSON files of `alloc-moe eval`."""
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -176,6 +177,37 @@ def _spread(v: pd.Series, fmt: str) -> str:
     return f"{v.mean():{fmt}} [{v.min():{fmt}}..{v.max():{fmt}}]" if len(v) > 1 else f"{v.mean():{fmt}}"
 
 
+def _score(g: pd.DataFrame, method: str, budget: float, seed, group: str | None) -> tuple[float, float]:
+    """(score, SE) of one method at one budget and seed: a group score, or the mean of the groups (group None)."""
+    d = g[(g.method == method) & (g.budget == budget) & (g.seed == seed)]
+    d = d if group is None else d[d.group == group]
+    if d.empty:
+        return float("nan"), float("nan")
+    return d.value.mean(), math.sqrt((d.stderr ** 2).sum()) / len(d)
+
+
+def uniform_loss(g: pd.DataFrame, group: str | None, seeds: list, orig_budget: float,
+                 budget: float) -> dict:
+    """seed -> (Original - Uniform at `budget`, SE of the original's score, Uniform's score), for one group (None:
+    the mean of the groups)."""
+    out = {}
+    for s_ in seeds:
+        (o, se), (u, _) = _score(g, "Original", orig_budget, s_, group), _score(g, "Uniform", budget, s_, group)
+        out[s_] = (o - u, se, u)
+    return out
+
+
+def recovered_shares(g: pd.DataFrame, method: str, group: str | None, losses: dict, budget: float) -> list[float]:
+    """Per seed, the share of Uniform's loss that `method` recovers, (method - Uniform) / (Original - Uniform); only
+    seeds where Uniform loses at least the original's SE (below that the ratio divides by noise)."""
+    shares = []
+    for s_, (loss, se, u) in losses.items():
+        x, _ = _score(g, method, budget, s_, group)
+        if loss >= se and loss > 0 and not math.isnan(x):
+            shares.append((x - u) / loss)
+    return shares
+
+
 def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibration: str) -> str:
     """The README's fidelity study: per method and budget, mean and spread (min..max) over training seeds of each
     group score and of the perplexity change per family; and the share of Uniform's loss vs the original model that
@@ -202,21 +234,19 @@ def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibr
         # recovery of Uniform's loss, at half budget (the issue's question) and at the lowest budget
         orig_b = g[g.method == "Original"].budget.max()
         for at in dict.fromkeys([orig_b / 2, min(budgets)]):
-            lines += ["", f"Share of Uniform's loss (Original - Uniform) recovered at B={at:g}, per seed, then mean "
-                          "[min..max] (1 = all of it, 0 = none, < 0 = worse than Uniform):", "",
+            lines += ["", f"Share of Uniform's loss (Original - Uniform) recovered at B={at:g}: (method - Uniform) / "
+                          "(Original - Uniform) per seed, then mean [min..max] over the seeds where Uniform loses at "
+                          "least the original's standard error (their number in parentheses; n/a: none); 1 = all of "
+                          "it, 0 = none, < 0 = worse than Uniform:", "",
                       "| variant | " + " | ".join([*groups, "mean of groups"]) + " |", "|---" * (len(groups) + 2) + "|"]
+            losses = [uniform_loss(g, grp, seeds, orig_b, at) for grp in [*groups, None]]
+            lines.append("| Uniform's loss (points) | " + " | ".join(
+                _spread(pd.Series([v[0] for v in per_seed.values()]), ".2f") for per_seed in losses) + " |")
             for label, m in (("+L", "Alloc-L"), ("+T", "Alloc-T"), ("+L+T", "Alloc-MoE")):
                 cells = []
-                for grp in [*groups, None]:
-                    shares = []
-                    for s_ in seeds:
-                        def score(method, budget):
-                            d = g[(g.method == method) & (g.budget == budget) & (g.seed == s_)]
-                            d = d if grp is None else d[d.group == grp]
-                            return d.value.mean() if not d.empty else float("nan")
-                        o, u, x = score("Original", orig_b), score("Uniform", at), score(m, at)
-                        shares.append((x - u) / (o - u) if abs(o - u) > 1e-9 else float("nan"))
-                    cells.append(_spread(pd.Series(shares).dropna(), ".2f"))
+                for grp, per_seed in zip([*groups, None], losses):
+                    shares = recovered_shares(g, m, grp, per_seed, at)
+                    cells.append(f"{_spread(pd.Series(shares), '.2f')} ({len(shares)})" if shares else "n/a")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         # perplexity change per family
         p = ppl[(ppl.model == model) & (ppl.method.isin(["Uniform", "Alloc-L", "Alloc-T", "Alloc-MoE", "LExI",
