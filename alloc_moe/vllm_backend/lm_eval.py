@@ -51,7 +51,7 @@ def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, devic
     kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, model=model, **backend_args)  # validates first
     if plan is not None:
         engine.check_plan_for_model(model, plan)
-    record = engine.engine_record(kwargs) | {"device": device}
+    record = engine.engine_record(kwargs) | {"device": device, "dtype": kwargs["dtype"]}  # dtype as resolved
     with engine.plan_env(plan):
         VLLM = lm_eval_vllm_module().VLLM
         lm = VLLM(pretrained=model, batch_size=batch_size, **kwargs)
