@@ -9,6 +9,7 @@ import pandas as pd
 from .errors import AllocMoeError
 from .io import atomic_path
 
+
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     """Byte-stable CSV: fixed float format, no index, written atomically."""
     with atomic_path(path) as tmp:
@@ -183,7 +184,8 @@ def _score(g: pd.DataFrame, method: str, budget: float, seed, group: str | None)
     d = d if group is None else d[d.group == group]
     if d.empty:
         return float("nan"), float("nan")
-    return d.value.mean(), math.sqrt((d.stderr ** 2).sum()) / len(d)
+    row = combine(d.assign(one=0), ["one"]).iloc[0]  # the project's SE rule for a mean of independent scores
+    return row.value, row.stderr
 
 
 def uniform_loss(g: pd.DataFrame, group: str | None, seeds: list, orig_budget: float,
@@ -234,10 +236,10 @@ def fidelity_report(acc: pd.DataFrame, ppl: pd.DataFrame, *, k_base: int, calibr
         # recovery of Uniform's loss, at half budget (the issue's question) and at the lowest budget
         orig_b = g[g.method == "Original"].budget.max()
         for at in dict.fromkeys([orig_b / 2, min(budgets)]):
-            lines += ["", f"Share of Uniform's loss (Original - Uniform) recovered at B={at:g}: (method - Uniform) / "
-                          "(Original - Uniform) per seed, then mean [min..max] over the seeds where Uniform loses at "
-                          "least the original's standard error (their number in parentheses; n/a: none); 1 = all of "
-                          "it, 0 = none, < 0 = worse than Uniform:", "",
+            lines += ["", (f"Share of Uniform's loss (Original - Uniform) recovered at B={at:g}: (method - Uniform) / "
+                           "(Original - Uniform) per seed, then mean [min..max] over the seeds where Uniform loses at "
+                           "least the original's standard error (their number in parentheses; n/a: none); 1 = all of "
+                           "it, 0 = none, < 0 = worse than Uniform:"), "",
                       "| variant | " + " | ".join([*groups, "mean of groups"]) + " |", "|---" * (len(groups) + 2) + "|"]
             losses = [uniform_loss(g, grp, seeds, orig_b, at) for grp in [*groups, None]]
             lines.append("| Uniform's loss (points) | " + " | ".join(
