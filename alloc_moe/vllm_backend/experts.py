@@ -7,8 +7,10 @@
   its data-dependent shapes stay inside.
 - CUDA (`TritonExperts`): the align and GEMM kernels already skip ids < 0; only the final reduction `moe_sum` sums
   every slot when there is no expert map (including rows never written for dropped pairs). We make it call the
-  pad-aware `ops.moe_sum(input, output, topk_ids, expert_map)` whenever topk_ids is given. Static shapes, no host
-  sync, CUDA-graph safe. (Not verified on a GPU in this project yet: see README.)
+  pad-aware `ops.moe_sum(input, output, topk_ids, expert_map)` whenever topk_ids is given, and refuse an experts
+  class whose `apply` does not hand `topk_ids` to `moe_sum` (`compat.reduction_passes_topk_ids`). Static shapes, no
+  host sync, CUDA-graph safe. vLLM's own Triton experts with this patch are checked against a dense reference under
+  Triton's interpreter on CPU (`kernel_check`); not yet run on a GPU in this project.
 """
 
 import types
@@ -75,6 +77,12 @@ def _patch_cpu(fe) -> None:
 def _patch_triton(fe) -> None:
     from vllm import _custom_ops as ops
 
+    from .compat import SUPPORTED, reduction_passes_topk_ids
+
+    if not reduction_passes_topk_ids(type(fe).apply):  # e.g. vLLM 0.26.0, or a subclass with its own apply
+        raise AllocMoeError(f"{type(fe).__name__}.apply calls moe_sum without topk_ids, so the pairs dropped by the "
+                            f"plan would be summed from unwritten rows; {SUPPORTED}")
+
     def moe_sum(self, input, output, topk_ids=None, expert_map=None):
         if topk_ids is not None:
             ops.moe_sum(input, output, topk_ids, expert_map)  # skips slots with id < 0
@@ -102,8 +110,7 @@ def patch_experts(layer) -> None:
     cpu_moe = _cpu_moe()
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    if type(fe) in (cpu_moe.CPUUnquantizedExperts, getattr(cpu_moe, "ArmCPUUnquantizedExperts", None),
-                    getattr(cpu_moe, "X86CPUUnquantizedExperts", None)):
+    if isinstance(fe, cpu_moe.CPUUnquantizedExperts):  # and its ISA subclasses (x86, Arm, Power)
         _patch_cpu(fe)
     elif isinstance(fe, TritonExperts):
         _patch_triton(fe)

@@ -1,8 +1,9 @@
 """vLLM general plugin (entry point group `vllm.general_plugins`): apply the plan named by `ALLOC_MOE_PLAN`.
 
 vLLM loads general plugins in every process it starts (main, engine core, workers), before building the model.
-With `ALLOC_MOE_PLAN` unset or empty, `register` does nothing and vLLM is untouched. Otherwise it checks the plan
-file (a bad file stops the engine at start-up, in the main process) and wraps `BaseModelLoader.load_model`, the
+With `ALLOC_MOE_PLAN` unset or empty, `register` does nothing and vLLM is untouched. Otherwise it checks the installed
+vLLM (`compat.check_supported`: the hooks and kernels the backend patches) and the plan file (either failing stops
+the engine at start-up, in the main process, with one line) and wraps `BaseModelLoader.load_model`, the
 point every model runner goes through: right after the weights are loaded and processed, and before torch.compile
 or CUDA-graph capture, the plan is checked against the model (MoE layer indices, experts, K_orig) and applied.
 Idempotent: registering twice, or loading the same model object twice, patches once.
@@ -28,8 +29,10 @@ def register() -> None:
     plan = plan_from_env()
     if plan is None:
         return
+    from .compat import check_supported
     from .routing import alloc_t_scope
 
+    check_supported()  # an unsupported vLLM stops here, in the main process, before any engine starts
     alloc_t_scope()  # a bad scope fails here too, not at the first forward
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 

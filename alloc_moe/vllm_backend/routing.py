@@ -10,6 +10,13 @@
 Which tokens compete in Alloc-T (`ALLOC_MOE_ALLOC_T_SCOPE`): `step` (default, the paper's setting: all tokens of
 one engine step, so the result depends on batch composition) or `sequence` (each request's tokens of the step
 compete among themselves; reads the step's query_start_loc, one host sync per layer).
+
+CUDA graphs / torch.compile: the `step` scope is static-shape and sync-free (tests/test_vllm_routing_graphs.py traces
+it with no host-syncing op, compiles it fullgraph, and shows that padding rows spend no budget). Tokens vLLM adds to
+fill a captured graph's size are flagged in the forward context's `is_padding` (vLLM >= 0.27; 0.32 sets it in
+`gpu_model_runner`): they get no experts and do not count in T. The `sequence` scope needs a host sync and the step's
+request boundaries, which a replayed graph would freeze: it is refused unless the engine runs eager
+(`enforce_eager=True`), with one line, when the plan is applied.
 """
 
 import dataclasses
@@ -58,6 +65,25 @@ def moe_layers(model: torch.nn.Module) -> list[VllmMoeLayer]:
     if not out:
         raise AllocMoeError(f"{type(model).__name__} has no MoE layers (no module with a router.top_k)")
     return sorted(out, key=lambda m: m.index)
+
+
+def engine_is_eager() -> bool | None:
+    """The engine's `enforce_eager` from vLLM's current config (set while the model loads); None if unknown."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:
+        return None
+    cfg = get_current_vllm_config_or_none()
+    mc = getattr(cfg, "model_config", None) if cfg is not None else None
+    return None if mc is None else bool(mc.enforce_eager)
+
+
+def check_scope(scope: str, eager: bool | None) -> None:
+    """The `sequence` scope reads request boundaries on the host: refuse it in compiled / CUDA-graph engines."""
+    if scope == "sequence" and eager is False:
+        raise AllocMoeError(f"{SCOPE_ENV}=sequence needs an eager engine (enforce_eager=True, --vllm-mode eager): it "
+                            "syncs with the host each layer, which CUDA graphs and torch.compile cannot replay; "
+                            "use the step scope (the paper's) with graphs")
 
 
 def alloc_t_scope() -> str:
@@ -155,6 +181,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan) -> list[VllmMoeLayer]:
 
         slots_fn = TOKEN_METHODS[mode]
         per_sequence = mode == "alloc-t" and alloc_t_scope() == "sequence"
+        if per_sequence:
+            check_scope("sequence", engine_is_eager())
         for i, (m, k) in enumerate(zip(layers, plan.k_per_layer)):
             if mode == "alloc-t":
                 if k == m.k_orig:
