@@ -7,7 +7,14 @@ needed.
 
 import torch
 
-from alloc_moe.vllm_backend.kernel_check import CASES, dense_reference, make_inputs, moe_align_block_size, moe_sum, silu_and_mul
+from alloc_moe.vllm_backend.kernel_check import (
+    CASES,
+    dense_reference,
+    make_inputs,
+    moe_align_block_size,
+    moe_sum,
+    silu_and_mul,
+)
 
 
 def _align(topk_ids, E, block, expert_map=None):
@@ -67,7 +74,8 @@ def test_silu_and_mul():
     x = torch.tensor([[1.0, -2.0, 3.0, 4.0]])
     out = torch.empty(1, 2)
     silu_and_mul(out, x)
-    expect = [1.0 / (1 + torch.exp(torch.tensor(-1.0))).item() * 3.0, -2.0 / (1 + torch.exp(torch.tensor(2.0))).item() * 4.0]
+    sig = torch.sigmoid(torch.tensor([1.0, -2.0]))
+    expect = [1.0 * sig[0].item() * 3.0, -2.0 * sig[1].item() * 4.0]  # silu(x) = x * sigmoid(x)
     assert torch.allclose(out[0], torch.tensor(expect))
 
 
@@ -96,3 +104,24 @@ def test_cases_and_dense_reference():
     ids3 = ids.clone()
     ids3[kept_t, kept_k] = -1
     assert not torch.equal(ref, dense_reference(hidden, w1, w2, weights, ids3))  # a kept pair does count
+
+
+def test_align_and_sum_have_no_host_sync():
+    """The stand-ins run inside the GPU check's captured CUDA graph: no op that reads a value on the host."""
+    from test_token_alloc import _graph_ops, _sync_ops
+
+    ids = torch.tensor([[0, -1], [1, 0], [2, -1]], dtype=torch.int32)
+
+    def align(topk_ids):
+        i32 = dict(dtype=torch.int32)
+        s, e, n = torch.empty(6 + 4 * 3, **i32), torch.empty(5, **i32), torch.empty(1, **i32)
+        moe_align_block_size(topk_ids, 4, 4, s, e, n)
+        return s, e, n
+
+    def summed(inp, topk_ids):
+        out = torch.empty(3, 5)
+        moe_sum(inp, out, topk_ids)
+        return out
+
+    for ops in (_graph_ops(align, ids), _graph_ops(summed, torch.randn(3, 2, 5), ids)):
+        assert ops and not _sync_ops(ops), _sync_ops(ops)

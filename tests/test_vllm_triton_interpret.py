@@ -124,3 +124,13 @@ def test_plugin_register_runs_the_check(tmp_path, monkeypatch):
     with pytest.raises(AllocMoeError, match="not supported"):
         plugin.register()
     compat.check_supported.cache_clear()
+
+
+def test_kernel_cut_out_of_vllm_runs_what_vllm_runs():
+    """The GPU check has no vLLM: it runs `fused_moe_kernel` cut verbatim out of vLLM's fused_moe.py with our launch
+    (`kernel_check.standalone_apply`). On CPU, that is bit-equal to vLLM's own TritonExperts.apply for every case,
+    and on its own (without importing vLLM) it matches the dense reference."""
+    rows = _kernel_check("--standalone", "installed", "--against-vllm")
+    assert len(rows) >= 5 and all(r["bit_equal"] for r in rows), rows
+    alone = _kernel_check("--standalone", "installed")
+    assert len(alone) >= 5 and all(r["ok"] and not r["vllm_imported"] for r in alone), alone

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -45,26 +46,31 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     topk_ids [T, K]; sorted_token_ids [max_padded] <- flat pair indices grouped by expert, each group padded to a
     multiple of block_size with T*K; experts_ids [max_blocks] <- the expert of each block (-1 past the end);
     num_tokens_post_pad [1] <- the padded total. Pairs with id < 0 (or, with expert_map, a local id < 0) are skipped.
+    Static shapes and no host sync (scatter, stable sort, searchsorted), so it can be captured in a CUDA graph.
     """
     if scatter_idx is not None:
         raise NotImplementedError("scatter_idx is not used by the unquantized Triton experts")
-    flat = topk_ids.reshape(-1).long()  # [T*K]
+    E, dev = num_experts, topk_ids.device
+    flat = topk_ids.reshape(-1).long()  # [P] pairs, token-major
     numel = flat.numel()
-    local = flat if expert_map is None else torch.where(flat >= 0, expert_map[flat.clamp(min=0)].long(), flat)
-    valid = (local >= 0) & (local < num_experts)  # [T*K]
-    counts = torch.bincount(local[valid], minlength=num_experts)  # [E]
-    padded = (counts + block_size - 1) // block_size * block_size  # [E]
-    starts = torch.cumsum(padded, 0) - padded  # [E]
-    sorted_token_ids.fill_(numel)
-    experts_ids.fill_(-1)
-    order = torch.argsort(torch.where(valid, local, num_experts), stable=True)[: int(valid.sum())]  # kept, by expert
-    e_of = local[order]  # [P]
-    rank = torch.arange(order.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[e_of]  # [P]
-    sorted_token_ids[starts[e_of] + rank] = order.to(sorted_token_ids.dtype)
-    for e in torch.nonzero(padded).flatten().tolist():
-        b0 = int(starts[e]) // block_size
-        experts_ids[b0: b0 + int(padded[e]) // block_size] = e
-    num_tokens_post_pad.fill_(int(padded.sum()))
+    local = flat if expert_map is None else torch.where(
+        flat >= 0, expert_map.index_select(0, flat.clamp(min=0)).long(), flat)
+    key = torch.where((local >= 0) & (local < E), local, E)  # [P] expert, E = skipped
+    counts = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))  # [E+1]
+    padded = (counts[:E] + block_size - 1) // block_size * block_size  # [E]
+    ends = torch.cumsum(padded, 0)  # [E]
+    starts = torch.cat([ends - padded, ends[-1:]])  # [E+1] (skipped pairs: past the end)
+    order = torch.argsort(key, stable=True)  # [P] kept pairs grouped by expert, skipped ones last
+    e_sorted = key.gather(0, order)  # [P] (gather / index_select: integer indexing, nothing read on the host)
+    run_start = torch.cumsum(counts, 0) - counts  # [E+1] where each expert's run starts in `order`
+    rank = torch.arange(numel, device=dev) - run_start.index_select(0, e_sorted)  # [P] position in the expert's run
+    dest = torch.where(e_sorted < E, starts.index_select(0, e_sorted) + rank, sorted_token_ids.numel())  # [P]
+    buf = torch.full((sorted_token_ids.numel() + 1,), numel, dtype=sorted_token_ids.dtype, device=dev)
+    sorted_token_ids.copy_(buf.scatter_(0, dest, order.to(buf.dtype))[:-1])
+    block_starts = torch.arange(experts_ids.numel(), device=dev) * block_size  # [B]
+    eid = torch.searchsorted(ends, block_starts, right=True)  # [B] the expert whose rows hold the block's start
+    experts_ids.copy_(torch.where(eid < E, eid, -1).to(experts_ids.dtype))
+    num_tokens_post_pad.copy_(padded.sum().reshape(1).to(num_tokens_post_pad.dtype))
 
 
 def moe_sum(input: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor | None = None,
@@ -76,7 +82,7 @@ def moe_sum(input: torch.Tensor, output: torch.Tensor, topk_ids: torch.Tensor | 
         return
     keep = topk_ids >= 0  # [T, K]
     if expert_map is not None:
-        keep = keep & (expert_map[topk_ids.clamp(min=0).long()] >= 0)
+        keep = keep & (expert_map.index_select(0, topk_ids.clamp(min=0).long().flatten()).view_as(topk_ids) >= 0)
     zero = torch.zeros((), dtype=input.dtype, device=input.device)
     output.copy_(torch.where(keep[..., None], input, zero).sum(dim=1))  # where, not *: NaN rows must not leak
 
@@ -114,18 +120,19 @@ def torch_ops():
 
 
 # ---- Triton under the interpreter -------------------------------------------------------------------------------
-def enable_interpreter() -> None:
-    """Make vLLM's Triton kernels run on CPU tensors: `TRITON_INTERPRET=1` before Triton is imported, and the real
-    Triton in `vllm.triton_utils` (the CPU build hands out placeholders) before any fused_moe module is imported."""
+def enable_interpreter(vllm: bool = True) -> None:
+    """Make vLLM's Triton kernels run on CPU tensors: `TRITON_INTERPRET=1` before Triton is imported, and (`vllm`) the
+    real Triton in `vllm.triton_utils` (the CPU build hands out placeholders) before fused_moe is imported."""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("Triton was imported before TRITON_INTERPRET=1 was set; run in a fresh process")
     os.environ["TRITON_INTERPRET"] = "1"
+    if not vllm:
+        return
     stale = [m for m in sys.modules if m.startswith("vllm.model_executor.layers.fused_moe")]
     if stale:
         raise RuntimeError(f"{stale[0]} was imported before the real Triton was installed; run in a fresh process")
     import triton
     import triton.language as tl
-
     import vllm.triton_utils as tu
 
     tu.HAS_TRITON, tu.triton, tu.tl = True, triton, tl
@@ -140,6 +147,121 @@ def _device_name_stand_in() -> None:
         current_platform.get_device_name(0)
     except Exception:  # noqa: BLE001 - any failure means: no device name here
         type(current_platform).get_device_name = classmethod(lambda cls, device_id=0: "cpu-interpreter")
+
+
+# ---- vLLM's kernel without vLLM (the GPU check: a machine with Triton and torch but no vLLM) -------------------------
+KERNELS = ("write_zeros_to_output", "fused_moe_kernel")  # fused_moe_kernel's only module-level dependencies: tl, triton
+
+
+def vllm_kernel_file() -> Path:
+    """The installed vLLM's `fused_moe/fused_moe.py`, found without importing vLLM."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("vLLM is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "model_executor/layers/fused_moe/fused_moe.py"
+
+
+def load_kernels(source: str | Path, cache_dir: str | Path):
+    """`fused_moe_kernel` (and the helper it calls) cut verbatim out of vLLM's `fused_moe.py` at `source`, written to a
+    module under `cache_dir` (Triton's jit reads a kernel's source from its file) and imported with the real Triton."""
+    import ast
+    import hashlib
+    import importlib.util
+
+    text = Path(source).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    nodes = {n.name: n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name in KERNELS}
+    missing = [k for k in KERNELS if k not in nodes]
+    if missing:
+        raise RuntimeError(f"{source} has no {missing[0]}: not a vLLM fused_moe.py this check knows")
+    body = ["import triton", "import triton.language as tl", ""]
+    for name in KERNELS:
+        n = nodes[name]
+        first = min([d.lineno for d in n.decorator_list] + [n.lineno])
+        body += lines[first - 1: n.end_lineno] + ["", ""]
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    path = Path(cache_dir) / f"vllm_fused_moe_kernels_{digest[:12]}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.SOURCE_SHA256 = digest
+    return mod
+
+
+def default_config(M: int, E: int) -> dict:
+    """vLLM 0.32's `get_default_config` for bf16/fp16/fp32 (no tuned config file): tile sizes by token count M."""
+    block_m = 16 if M <= 32 else 32 if M <= 96 else 64 if M <= 512 else 128
+    return {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 64 if M <= 64 else 128, "BLOCK_SIZE_K": 128 if M <= 64 else 64,
+            "GROUP_SIZE_M": 16 if M // max(E, 1) > 128 else 1, "SPLIT_K": 1, "num_warps": 4 if M <= 128 else 8,
+            "num_stages": 4 if M <= 32 else 3}
+
+
+def _tl_type(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def launch(kernels, A, B, C, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, mul_routed_weight,
+           top_k, config) -> None:
+    """vLLM 0.32's `invoke_fused_moe_triton_kernel` for unquantized weights without bias (the launch our models use):
+    A [M, K'] tokens, B [E, N, K'] expert weights, C [M, top_k, N] written for every kept pair."""
+    import triton
+
+    M = A.size(0)
+    num_tokens = M * top_k
+    if sorted_token_ids is not None:
+        EM = sorted_token_ids.size(0)
+        if M < config["BLOCK_SIZE_M"]:
+            EM = min(EM, M * top_k * config["BLOCK_SIZE_M"])
+    else:
+        EM = num_tokens * config["BLOCK_SIZE_M"]
+    cfg = dict(config, SPLIT_K=1)
+    grid = (triton.cdiv(EM, cfg["BLOCK_SIZE_M"]) * triton.cdiv(B.size(1), cfg["BLOCK_SIZE_N"]),)
+    kernels.fused_moe_kernel[grid](
+        a_ptr=A, b_ptr=B, c_ptr=C, b_bias_ptr=None, a_scale_ptr=None, b_scale_ptr=None, topk_weights_ptr=topk_weights,
+        sorted_token_ids_ptr=sorted_token_ids, expert_ids_ptr=expert_ids,
+        num_tokens_post_padded_ptr=num_tokens_post_padded, N=B.size(1), K=B.size(2), EM=EM,
+        num_valid_tokens=num_tokens, stride_am=A.stride(0), stride_ak=A.stride(1), stride_be=B.stride(0),
+        stride_bk=B.stride(2), stride_bn=B.stride(1), stride_cm=C.stride(1), stride_cn=C.stride(2), stride_asm=0,
+        stride_ask=0, stride_bse=0, stride_bsk=0, stride_bsn=0, stride_bbe=0, stride_bbn=0, group_n=0, group_k=0,
+        naive_block_assignment=sorted_token_ids is None, MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k,
+        compute_type=_tl_type(A.dtype), use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False,
+        per_channel_quant=False, HAS_BIAS=False, SWAP_AB=False, USE_TD=False, **cfg)
+
+
+def standalone_apply(kernels, output, hidden, w1, w2, topk_weights, topk_ids, config, ws13, ws2,
+                     activation=silu_and_mul) -> None:
+    """vLLM 0.32's `TritonExperts.apply` for an unquantized layer, with our patch's pad-aware reduction, from the kernel
+    alone: align (or the small-batch path), GEMM 1, silu-and-mul, GEMM 2 (router weights applied), `moe_sum` given
+    `topk_ids`. Workspaces alias as vLLM's do (cache 1 and cache 3 share `ws2`). No host sync: capturable.
+    `activation(out, x)`: vLLM's `torch.ops._C.silu_and_mul` where the build has one, for bit-equal comparisons."""
+    T, H = hidden.shape
+    E, N, _ = w1.shape
+    K = topk_ids.shape[1]
+    cache1 = ws2[: T * K * N].view(T, K, N)
+    cache2 = ws13[: T * K * (N // 2)].view(T * K, N // 2)
+    cache3 = ws2[: T * K * H].view(T, K, H)
+    bm = config["BLOCK_SIZE_M"]
+    if T * K * 4 <= E:  # vLLM's small-batch path: no align, ids straight to the kernel
+        sorted_ids, expert_ids = None, topk_ids.view(-1)
+        post = torch.full((1,), topk_ids.numel() * bm, dtype=torch.int32, device=hidden.device)
+    else:
+        max_padded = topk_ids.numel() + E * (bm - 1)
+        if topk_ids.numel() < E:
+            max_padded = min(topk_ids.numel() * bm, max_padded)
+        sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=hidden.device)
+        expert_ids = torch.empty((max_padded + bm - 1) // bm, dtype=torch.int32, device=hidden.device)
+        post = torch.empty(1, dtype=torch.int32, device=hidden.device)
+        moe_align_block_size(topk_ids, E, bm, sorted_ids, expert_ids, post)
+    launch(kernels, hidden, w1, cache1, None, sorted_ids, expert_ids, post, False, K, config)
+    activation(cache2, cache1.view(-1, N))
+    launch(kernels, cache2, w2, cache3, topk_weights, sorted_ids, expert_ids, post, True, 1, config)
+    moe_sum(cache3, output, topk_ids)
 
 
 # ---- one case -----------------------------------------------------------------------------------------------------
@@ -177,10 +299,10 @@ def make_inputs(case: Case, device: str = "cpu"):
     """hidden [T, H], w1 [E, 2I, H], w2 [E, H, I], topk_weights [T, K] (0 where dropped), topk_ids [T, K] (-1 where
     dropped; each token's ids distinct, as a router's)."""
     g = torch.Generator().manual_seed(case.seed)
-    T, E, K, H, I = case.tokens, case.experts, case.top_k, case.hidden, case.inter
+    T, E, K, H, inter = case.tokens, case.experts, case.top_k, case.hidden, case.inter
     hidden = torch.randn(T, H, generator=g) / math.sqrt(H)
-    w1 = torch.randn(E, 2 * I, H, generator=g) / math.sqrt(H)
-    w2 = torch.randn(E, H, I, generator=g) / math.sqrt(I)
+    w1 = torch.randn(E, 2 * inter, H, generator=g) / math.sqrt(H)
+    w2 = torch.randn(E, H, inter, generator=g) / math.sqrt(inter)
     ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K].to(torch.int32)  # [T, K] distinct per token
     weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
     drop = torch.rand(T, K, generator=g) < case.drop  # [T, K]
@@ -216,7 +338,6 @@ def reduction_without_topk_ids_class(tmp_dir: str):
     `inspect.getsource` (the start-up check) reads it like any installed code."""
     import inspect
     import textwrap
-    from pathlib import Path
 
     from vllm.model_executor.layers.fused_moe.experts import triton_moe
 
@@ -236,7 +357,10 @@ def triton_experts(case: Case, variant: str = "patched", tmp_dir: str | None = N
     see VARIANTS)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import (
-        FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig, FusedMoEParallelConfig, RoutingMethodType,
+        FUSED_MOE_UNQUANTIZED_CONFIG,
+        FusedMoEConfig,
+        FusedMoEParallelConfig,
+        RoutingMethodType,
     )
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
@@ -296,14 +420,20 @@ def run_apply(fe, case: Case, inputs) -> torch.Tensor:
     return output
 
 
+def _interpreter_safe(inputs, device: str):
+    """Triton's interpreter multiplies bf16 `tl.dot` operands as raw uint16 bits (triton-lang/triton#11584): on CPU,
+    bf16 operands are upcast (exact: bf16 -> fp32 loses nothing); the case keeps bf16's tolerance."""
+    hidden, w1, w2, weights, ids = inputs
+    if hidden.dtype == torch.bfloat16 and device == "cpu":
+        return hidden.float(), w1.float(), w2.float(), weights, ids
+    return inputs
+
+
 def check_case(case: Case, device: str = "cpu", variant: str = "patched") -> dict:
     """Run `case` through vLLM's Triton experts (`variant`) and compare with `dense_reference`."""
     inputs = make_inputs(case, device)
     hidden, w1, w2, weights, ids = inputs
-    if case.dtype == torch.bfloat16 and device == "cpu":
-        # Triton's interpreter multiplies bf16 `tl.dot` operands as raw uint16 bits (triton-lang/triton#11584):
-        # the CPU run upcasts the operands (exact: bf16 -> fp32 loses nothing) and keeps bf16's tolerance.
-        inputs = (hidden.float(), w1.float(), w2.float(), weights, ids)
+    inputs = _interpreter_safe(inputs, device)
     fe = triton_experts(dataclasses.replace(case, dtype=inputs[0].dtype), variant)
     with torch_ops():
         got = run_apply(fe, case, inputs).double().cpu()
@@ -311,10 +441,80 @@ def check_case(case: Case, device: str = "cpu", variant: str = "patched") -> dic
     scale = float(ref.abs().max()) or 1.0
     err = float((got - ref).abs().max()) / scale if not torch.isnan(got).any() else float("nan")
     ok = math.isfinite(err) and err <= TOL[case.dtype]
-    return {"case": case.name, "variant": variant, "path": "small-batch" if case.small_batch else "aligned", "dtype": str(case.dtype),
+    return {"case": case.name, "variant": variant, "path": "small-batch" if case.small_batch else "aligned",
+            "dtype": str(case.dtype),
             "tokens": case.tokens, "experts": case.experts, "top_k": case.top_k,
             "dropped_pairs": int((ids < 0).sum()), "pairs": ids.numel(), "nan_rows": int(torch.isnan(got).any(1).sum()),
             "rel_max_err": err, "tol": TOL[case.dtype], "ok": ok}
+
+
+def _nan_buffers(case: Case, T: int, N: int, H: int, K: int, dtype, device):
+    """Workspaces and output of vLLM's shapes (TritonExperts.workspace_shapes), NaN-filled."""
+    ws13 = torch.full((T * K * max(N // 2, H),), float("nan"), dtype=dtype, device=device)
+    ws2 = torch.full((T * K * max(N, H),), float("nan"), dtype=dtype, device=device)
+    return ws13, ws2, torch.full((T, H), float("nan"), dtype=dtype, device=device)
+
+
+def check_standalone(case: Case, kernels, device: str = "cpu", graph: bool = False) -> dict:
+    """`case` through the kernel cut out of vLLM (`standalone_apply`), against the dense reference: eagerly, or
+    captured once in a CUDA graph and replayed on two routings (the second one written into the captured routing
+    buffers, with other pairs dropped), workspaces refilled with NaN before each replay."""
+    hidden, w1, w2, weights, ids = _interpreter_safe(make_inputs(case, device), device)
+    T, H, K, N = hidden.shape[0], hidden.shape[1], ids.shape[1], w1.shape[1]
+    config = default_config(T, case.experts)
+    ws13, ws2, out = _nan_buffers(case, T, N, H, K, hidden.dtype, device)
+    runs = [(weights, ids)]
+    if graph:
+        _, _, _, w_b, ids_b = make_inputs(dataclasses.replace(case, seed=case.seed + 1), device)
+        runs.append((w_b, ids_b))
+        weights, ids = weights.clone(), ids.clone()  # the captured routing buffers
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles at the first launch, outside the capture
+            standalone_apply(kernels, out, hidden, w1, w2, weights, ids, config, ws13, ws2)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            standalone_apply(kernels, out, hidden, w1, w2, weights, ids, config, ws13, ws2)
+    errs, nan_rows = [], 0
+    for w_run, ids_run in runs:
+        for buf in (ws13, ws2, out):
+            buf.fill_(float("nan"))
+        if graph:
+            weights.copy_(w_run)
+            ids.copy_(ids_run)
+            g.replay()
+            torch.cuda.synchronize()
+        else:
+            standalone_apply(kernels, out, hidden, w1, w2, w_run, ids_run, config, ws13, ws2)
+        got = out.double().cpu()
+        ref = dense_reference(hidden.cpu(), w1.cpu(), w2.cpu(), w_run.cpu(), ids_run.cpu())
+        nan_rows += int(torch.isnan(got).any(1).sum())
+        errs.append(float((got - ref).abs().max()) / (float(ref.abs().max()) or 1.0))
+    err = max(errs) if nan_rows == 0 else float("nan")
+    return {"case": case.name, "variant": "standalone-graph" if graph else "standalone", "config": config,
+            "path": "small-batch" if case.small_batch else "aligned", "dtype": str(case.dtype), "tokens": T,
+            "experts": case.experts, "top_k": K, "dropped_pairs": int((ids < 0).sum()), "pairs": ids.numel(),
+            "replays": len(runs) if graph else 0, "nan_rows": nan_rows, "rel_max_err": err, "tol": TOL[case.dtype],
+            "ok": math.isfinite(err) and err <= TOL[case.dtype]}
+
+
+def standalone_matches_vllm(case: Case, kernels) -> dict:
+    """The cut-out kernel with `standalone_apply` against vLLM's own `TritonExperts.apply` (patched) on the same
+    inputs and tile config: bit-equal outputs mean the GPU check (which has no vLLM) runs what vLLM runs."""
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+
+    inputs = _interpreter_safe(make_inputs(case), "cpu")
+    hidden, w1, w2, weights, ids = inputs
+    T, H, K, N = hidden.shape[0], hidden.shape[1], ids.shape[1], w1.shape[1]
+    fe = triton_experts(dataclasses.replace(case, dtype=hidden.dtype))
+    with torch_ops():
+        theirs = run_apply(fe, case, inputs)
+    config = fm.try_get_optimal_moe_config(w1.size(), w2.size(), K, None, T)
+    ws13, ws2, ours = _nan_buffers(case, T, N, H, K, hidden.dtype, "cpu")
+    standalone_apply(kernels, ours, hidden, w1, w2, weights, ids, config, ws13, ws2, torch.ops._C.silu_and_mul)
+    same = torch.equal(ours, theirs)
+    return {"case": case.name, "variant": "standalone-vs-vllm", "config": config, "bit_equal": same, "ok": same}
 
 
 def main(argv=None) -> int:
@@ -324,6 +524,13 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(c.name for c in CASES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variant", default="patched", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--standalone", metavar="FUSED_MOE_PY", default=None,
+                   help="run the kernel cut out of this vLLM fused_moe.py instead of vLLM ('installed': the installed "
+                        "vLLM's file; vLLM itself need not be importable)")
+    p.add_argument("--graph", action="store_true", help="with --standalone on CUDA: also inside a captured CUDA graph")
+    p.add_argument("--against-vllm", action="store_true",
+                   help="with --standalone on CPU: compare with vLLM's own TritonExperts.apply (bit-equal expected)")
+    p.add_argument("--cache-dir", default=None, help="where --standalone writes the extracted kernel module")
     args = p.parse_args(argv)
     variants = args.variant.split(",")
     names = {c.name: c for c in CASES}
@@ -331,8 +538,26 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown variant or case {bad[0]!r}; variants: {', '.join(VARIANTS)}; cases: {', '.join(names)}")
     if args.device == "cpu":
-        enable_interpreter()
+        enable_interpreter(vllm=args.standalone is None or args.against_vllm)
+    else:
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # no TF32 in Triton's fp32 tl.dot: parity at fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
     ok = True
+    if args.standalone is not None:
+        import tempfile
+
+        src = vllm_kernel_file() if args.standalone == "installed" else Path(args.standalone)
+        kernels = load_kernels(src, args.cache_dir or tempfile.mkdtemp(prefix="alloc_moe_kernels."))
+        for name in args.cases.split(","):
+            checks = [lambda c: standalone_matches_vllm(c, kernels)] if args.against_vllm else [
+                lambda c, g=g: check_standalone(c, kernels, args.device, g) for g in ((False, True) if args.graph
+                                                                                      else (False,))]
+            for check in checks:
+                res = check(names[name]) | {"source_sha256": kernels.SOURCE_SHA256,
+                                            "vllm_imported": "vllm" in sys.modules}
+                ok &= res["ok"]
+                print(json.dumps(res), flush=True)
+        return 0 if ok else 1
     for variant in variants:
         for name in args.cases.split(","):
             res = check_case(names[name], args.device, variant)
