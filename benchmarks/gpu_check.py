@@ -660,7 +660,7 @@ def run_section(ctx: Ctx, name: str, fn) -> dict:
 
 def _fmt(x) -> str:
     if isinstance(x, float):
-        return f"{x:.3g}"
+        return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}"
     return str(x)
 
 
