@@ -20,8 +20,9 @@ deadline stops gracefully, and a watchdog writes what there is and exits if a se
   inputs, also replayed from a captured CUDA graph and under `mode="reduce-overhead"` (cudagraph trees, T = 64), no
   host sync (`torch.cuda.set_sync_debug_mode("error")` around the compiled call and the graph replay), and the cost
   per call against `torch.topk(probs, K)` (CUDA-graph replays, median).
-- `triton-moe-kernel`: placeholder (`section_triton_moe_kernel`): vLLM's `fused_moe_kernel` with dropped pairs vs a
-  dense reference, to be filled in by the lead engineer. Adding a section = one function + one `SECTIONS` entry.
+- `triton-moe-kernel` (`section_triton_moe_kernel`): vLLM's `fused_moe_kernel` with dropped pairs vs a
+  dense reference (aligned and small-batch paths, fp32/fp16/bf16, full DeepSeek width), eagerly and replayed from a
+  captured CUDA graph. Adding a section = one function + one `SECTIONS` entry.
 
 fp32 work runs with TF32 off (`torch.backends.cuda.matmul.allow_tf32 = False`, `torch.backends.cudnn.allow_tf32 =
 False`, `TRITON_F32_DEFAULT=ieee` set before torch/Triton are imported); seeds are fixed.
@@ -608,11 +609,57 @@ def section_alloc_t_graphs(ctx: Ctx) -> dict:
 # ------------------------------------------------------------------------------------------------ 3. triton-moe-kernel
 
 
+KERNEL_SOURCE = Path(".whl/vllm_fused_moe.py")  # staged by gpu_check_stage.sh from the vLLM the tests ran
+
+
+def _kernel_source(ctx: Ctx) -> str | None:
+    """vLLM's fused_moe.py: --kernel-source, else the staged copy, else an installed vLLM's ('installed')."""
+    import importlib.util
+
+    if ctx.args.kernel_source:
+        return ctx.args.kernel_source
+    if KERNEL_SOURCE.exists():
+        return str(KERNEL_SOURCE)
+    return "installed" if importlib.util.find_spec("vllm") is not None else None
+
+
 def section_triton_moe_kernel(ctx: Ctx) -> dict:
-    """vLLM's Triton `fused_moe_kernel` with dropped pairs (id -1) vs a dense reference over the kept pairs, eager
-    and inside a captured CUDA graph, TF32 off. Left to the lead engineer: fill `ctx.out` with `ctx.check(...)` /
-    `ctx.number(...)` and return it (the runner derives pass/fail from the checks)."""
-    return {"status": "not-implemented-yet", "reason": "placeholder: the vLLM Triton-kernel check is being written"}
+    """vLLM's Triton `fused_moe_kernel` (cut verbatim out of vLLM 0.32's fused_moe.py, launched as vLLM launches it,
+    `alloc_moe.vllm_backend.kernel_check`) with dropped pairs (id -1, weight 0) against a float64 dense reference over
+    the kept pairs: the aligned and the small-batch path, fp32 (TF32 off: TRITON_F32_DEFAULT=ieee), fp16, bf16, small
+    shapes and DeepSeek-V2-Lite's full width; eagerly, and captured once in a CUDA graph then replayed on two routings
+    with NaN-filled workspaces. Runs in a subprocess (Triton's environment must be set before it is imported; a
+    kernel crash stays contained). On CPU it runs the small cases under Triton's interpreter."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return {"status": "skipped", "reason": "Triton is not installed in this environment"}
+    source = _kernel_source(ctx)
+    if source is None:
+        return {"status": "skipped", "reason": f"no vLLM fused_moe.py: stage it as {KERNEL_SOURCE} "
+                                               "(benchmarks/gpu_check_stage.sh) or pass --kernel-source"}
+    ctx.out["kernel_source"] = source
+    cmd = [sys.executable, "-m", "alloc_moe.vllm_backend.kernel_check", "--standalone", source,
+           "--device", "cuda" if ctx.cuda else "cpu"]
+    if ctx.cuda:
+        cmd.append("--graph")
+    if ctx.smoke or not ctx.cuda:
+        cmd += ["--cases", "aligned-fp32,small-batch-fp32"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_F32_DEFAULT": "ieee"}
+    ctx.need(30, "the Triton kernel cases")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(ctx.left(), 30))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ctx.out["stderr_tail"] = proc.stderr[-1500:]
+    if not rows:
+        return dict(ctx.out, status="error", reason=(proc.stderr.strip().splitlines() or ["no output"])[-1][:300])
+    ctx.number("source_sha256", rows[0].get("source_sha256"))
+    for r in rows:
+        ctx.check(f"{r['case']}:{r['variant']}", r["ok"], rel_max_err=r["rel_max_err"], tol=r["tol"],
+                  nan_rows=r["nan_rows"], dropped=f"{r['dropped_pairs']}/{r['pairs']}", path=r["path"],
+                  replays=r.get("replays", 0), config=r.get("config"))
+    if ctx.cuda:
+        ctx.check("captured-in-cuda-graph", any(r["variant"] == "standalone-graph" for r in rows))
+    return ctx.out
 
 
 # name -> section function(ctx) -> dict; run in this order
@@ -759,6 +806,9 @@ def parse_args(argv=None):
     g.add_argument("--experts-impl", default=None, help="experts implementation (default: the model's, grouped_mm)")
     for name, full, smoke in (("batch", 8, 2), ("prompt", 32, 8), ("decode", 32, 2), ("warmup", 2, 0), ("runs", 5, 1)):
         g.add_argument(f"--{name}", type=int, default=None, help=f"latency protocol (default {full}, smoke {smoke})")
+    g3 = ap.add_argument_group("triton-moe-kernel")
+    g3.add_argument("--kernel-source", default=None,
+                    help=f"vLLM's fused_moe.py (default: {KERNEL_SOURCE} if staged, else an installed vLLM's)")
     g2 = ap.add_argument_group("alloc-t-graphs")
     g2.add_argument("--compile-backend", default="auto", help="auto: inductor on CUDA, eager on CPU")
     args = ap.parse_args(argv)

@@ -10,6 +10,8 @@
 # check that they and the working tree stay under the device tool's 64 MiB, record the commit (the device copy has
 # no .git), and print the `run` call: carry [".whl"], pip install --no-deps into /tmp/site, PYTHONPATH, the check.
 #
+# Also vLLM's fused_moe.py (82 KB) from the vLLM install of the tests, for the Triton-kernel section.
+#
 # Wheels: transformers (its needs huggingface-hub, tokenizers, safetensors, numpy, pyyaml, tqdm, typer, packaging,
 # filelock are on the image at versions it accepts; regex is carried because transformers checks regex>=2025.10.22
 # at import and the image's version is unknown), jsonschema + jsonschema-specifications + referencing + rpds-py
@@ -35,9 +37,16 @@ mkdir -p "$DEST"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DEST" "${PKGS[@]}"
 
+# vLLM's fused_moe.py (the Triton MoE kernel the triton-moe-kernel section runs; the image has no vLLM), from the
+# vLLM the tests ran (VLLM_PYTHON: the .venv-vllm of the README's test command)
+VPY=${VLLM_PYTHON:-.venv-vllm/bin/python}
+"$VPY" -c "from alloc_moe.vllm_backend.kernel_check import vllm_kernel_file as f; print(f())" > "$DEST/.src" \
+  || { echo "error: no vLLM in $VPY (set VLLM_PYTHON)" >&2; exit 1; }
+cp "$(cat "$DEST/.src")" "$DEST/vllm_fused_moe.py" && rm "$DEST/.src"
+
 n=$(ls "$DEST"/*.whl | wc -l)
 [ "$n" -eq "${#PKGS[@]}" ] || { echo "error: expected ${#PKGS[@]} wheels in $DEST, found $n" >&2; exit 1; }
-wheels=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
+wheels=$(du -cb "$DEST"/* | tail -1 | cut -f1)
 tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 # the commit the device copy runs (it has no .git); "+dirty" when tracked files differ from it
 commit=$(git rev-parse HEAD)

@@ -292,6 +292,14 @@ CASES = [
     Case("aligned-nothing-dropped-fp32", 16, 8, 2, 64, 32, torch.float32, drop=0.0),
     Case("aligned-row-all-dropped-fp32", 16, 8, 2, 64, 32, torch.float32, drop=1.0),
 ]
+# Full-width DeepSeek-V2-Lite MoE layers (hidden 2048, 64 experts, K_orig 6, moe_intermediate 1408): the tile
+# configs and both paths at the paper's shapes. Too slow for the interpreter: run on a GPU (benchmarks/gpu_check.py).
+FULL_WIDTH_CASES = [
+    Case("deepseek-width-prefill-bf16", 256, 64, 6, 2048, 1408, torch.bfloat16),
+    Case("deepseek-width-decode-bf16", 8, 64, 6, 2048, 1408, torch.bfloat16),
+    Case("deepseek-width-small-batch-bf16", 2, 64, 6, 2048, 1408, torch.bfloat16),
+    Case("deepseek-width-decode-fp32", 8, 64, 6, 2048, 1408, torch.float32),
+]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # max |diff| / max |ref|
 
 
@@ -317,15 +325,16 @@ def make_inputs(case: Case, device: str = "cpu"):
 
 
 def dense_reference(hidden, w1, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """[T, H] in float64: sum over kept pairs (id >= 0) of weight * w2_e @ (silu(gate) * up)(w1_e @ x)."""
-    h, W1, W2 = hidden.double(), w1.double(), w2.double()
+    """[T, H] in float64 on the inputs' device: sum over kept pairs (id >= 0) of weight * w2_e @ (silu(gate) * up)(w1_e @ x),
+    one expert at a time."""
+    h = hidden.double()
     out = torch.zeros_like(h)
-    inter = W1.shape[1] // 2
-    for t, k in (topk_ids >= 0).nonzero().tolist():
-        e = int(topk_ids[t, k])
-        gu = W1[e] @ h[t]  # [2I]
-        act = torch.nn.functional.silu(gu[:inter]) * gu[inter:]  # [I]
-        out[t] += float(topk_weights[t, k]) * (W2[e] @ act)
+    inter = w1.shape[1] // 2
+    for e in topk_ids[topk_ids >= 0].unique().tolist():
+        t, k = (topk_ids == e).nonzero(as_tuple=True)  # the pairs routed to expert e
+        gu = h[t] @ w1[e].double().T  # [n, 2I]
+        act = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]  # [n, I]
+        out.index_add_(0, t, topk_weights[t, k].double()[:, None] * (act @ w2[e].double().T))
     return out
 
 
@@ -521,7 +530,8 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(c.name for c in CASES))
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: CASES on CPU, CASES and "
+                                                 "FULL_WIDTH_CASES on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variant", default="patched", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--standalone", metavar="FUSED_MOE_PY", default=None,
@@ -533,7 +543,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="where --standalone writes the extracted kernel module")
     args = p.parse_args(argv)
     variants = args.variant.split(",")
-    names = {c.name: c for c in CASES}
+    names = {c.name: c for c in CASES + FULL_WIDTH_CASES}
+    if args.cases is None:
+        args.cases = ",".join(c.name for c in CASES + (FULL_WIDTH_CASES if args.device.startswith("cuda") else []))
     bad = [v for v in variants if v not in VARIANTS] + [c for c in args.cases.split(",") if c not in names]
     if bad:
         p.error(f"unknown variant or case {bad[0]!r}; variants: {', '.join(VARIANTS)}; cases: {', '.join(names)}")
