@@ -24,6 +24,7 @@ from alloc_moe.io import sha256_file
 from alloc_moe.loading import split_ref
 
 ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 REPO = "fakeorg/TinyMoE"
 TEXT = [f" = Section {i} = \n line {i} of the stand-in WikiText . \n" for i in range(120)]
 TASK = """task: tiny_qa
@@ -234,6 +235,9 @@ assert datasets.load_dataset("fakeorg/TinyQA", "cfg")["test"][1] == {"q": "Is 1 
 rows = list(datasets.load_dataset("fakeorg/StreamQA", streaming=True)["test"])  # what GroundCocoa's task does
 assert len(rows) == 6 and rows[0] == {"q": "Is 0 odd?", "a": 0}
 assert config_moe_layers("fakeorg/TinyMoE@v2") is None  # a revision that is not staged: unreadable here
+from alloc_moe.manifest import checkpoints  # what the run manifest records for an unpinned revision
+ckpt = checkpoints({"models": {"tiny": {"path": "fakeorg/TinyMoE", "revision": "main"}, "local": {"path": "."}}})
+assert ckpt == {"tiny": {"path": "fakeorg/TinyMoE", "revision": "main", "commit": commit}}, ckpt
 try:
     load_model("fakeorg/TinyMoE@v2")
 except AllocMoeError as e:
@@ -242,11 +246,122 @@ except AllocMoeError as e:
 
 
 def test_offline_loads_read_the_staged_caches(hub):
-    """The project's loaders (hub id at a branch or a commit), config reading, and `datasets` as lm-eval calls it,
-    with the hub off and the caches pointing into the stage."""
+    """The project's loaders (hub id at a branch or a commit), config reading, the commit the run manifest records,
+    and `datasets` as lm-eval calls it, with the hub off and the caches pointing into the stage."""
     d, _, _ = hub
     commit = json.loads((d / "st/stage.json").read_text())["models"][f"{REPO}@main"]["commit"]
     res = subprocess.run([sys.executable, "-c", LOADS, commit], capture_output=True, text=True, timeout=600,
                          env={**os.environ, **st.offline_env(d / "st")}, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("cannot load model 'fakeorg/TinyMoE@v2': ") and "alloc-moe stage" in res.stdout
+
+
+def _snakemake(work: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    if not SNAKEMAKE.exists():
+        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
+    (work / "config").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "config/config.yaml", work / "config/config.yaml")
+    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work), *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, check=False)
+
+
+def test_workflow_runs_from_the_stage_offline_and_fails_without_it(hub, tmp_path):
+    """A download and an accuracy job for real, offline: the text is copied from the stage, the checkpoint loads from
+    its staged snapshot (its config gives the DAG the MoE layer count), lm-eval reads the staged dataset. The same run
+    without the stage stops before any job with the project's one-line error."""
+    d, _, config = hub
+    tasks_only = {**config, "models": {"embedded": None, "tiny": {**config["models"]["tiny"], "tasks": str(d / "tasks")}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tasks_only))
+    (tmp_path / "offline.yaml").write_text(yaml.safe_dump({"offline": {"stage_dir": str(d / "st")}}))
+    target = "results/tiny-s0/eval/original.json"
+    hub_off = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    work = tmp_path / "work"
+    res = _snakemake(work, "--configfile", str(tmp_path / "run.yaml"), str(tmp_path / "offline.yaml"), "--cores", "1",
+                     target, env=hub_off)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    staged = d / "st/text/wikitext2_test.max2000.jsonl"
+    assert (work / "results/data/wikitext2_test.jsonl").read_bytes() == staged.read_bytes()
+    assert (work / "results/logs/download_wikitext2_test.log").read_text().startswith(
+        "copied results/data/wikitext2_test.jsonl: ")
+    result = json.loads((work / target).read_text())
+    commit = json.loads((d / "st/stage.json").read_text())["models"][f"{REPO}@main"]["commit"]
+    assert result["settings"]["model"] == str(d / f"st/hub/models--fakeorg--TinyMoE/snapshots/{commit}")
+    assert [(r["task"], r["model"]) for r in result["rows"]] == [("tiny_qa", "tiny")]
+    assert result["perplexity"]["n_tokens"] > 0
+
+    bare = tmp_path / "bare"
+    res = _snakemake(bare, "--configfile", str(tmp_path / "run.yaml"), "--cores", "1", target, env=hub_off)
+    lines = [x for x in res.stderr.splitlines() if not x.startswith("Config file config/config.yaml is extended")]
+    assert res.returncode == 2 and len(lines) == 1 and not (bare / "results").exists(), res.stderr[-3000:]
+    assert lines[0].startswith(f"config error: models.tiny: cannot read the model config of '{REPO}@main' (")
+    assert lines[0].endswith("or run from a stage (offline.stage_dir)")
+
+
+# ---- config/paper.yaml from a stage ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def paper_stage(tmp_path_factory):
+    """config/paper.yaml staged from a mirror holding a stand-in for each of its downloads: the three checkpoints
+    (their config.json), a one-row repository per lm-eval dataset, and the text splits."""
+    d = tmp_path_factory.mktemp("paper")
+    config = st.load_config([ROOT / "config/paper.yaml"])
+    want = st.needs(config)
+    mirror = d / "mirror"
+    for spec in config["models"].values():
+        (mirror / "models" / spec["path"]).mkdir(parents=True)
+        shutil.copy(ROOT / spec["hub_config"], mirror / "models" / spec["path"] / "config.json")
+    repos: dict[str, dict] = {}
+    for need in want.datasets:
+        repos.setdefault(need.path, {})[need.name] = [{"x": 1}]
+    for path, configs in repos.items():
+        _dataset_repo(mirror / "datasets" / path, configs)
+    for t in want.texts:
+        _text(mirror, f"{t.source}_{t.split}", TEXT[:3])
+    st.stage(config, d / "st", st.MirrorSource(mirror), progress=False)
+    return d, config, want
+
+
+def test_paper_needs_are_the_papers_downloads(paper_stage):
+    _, _, want = paper_stage
+    from alloc_moe.tasks import suite
+
+    assert [m.key for m in want.models] == ["Qwen/Qwen1.5-MoE-A2.7B@main", "allenai/OLMoE-1B-7B-0924@main",
+                                            "deepseek-ai/DeepSeek-V2-Lite@main"]
+    assert sorted(want.tasks) == sorted(s.name for s in suite("paper"))
+    keys = {n.key: n for n in want.datasets}
+    assert len(want.tasks["mmlu"]) == 57 and "cais/mmlu:anatomy" in keys and len(want.tasks["bbh"]) == 27
+    assert len(want.tasks["acp_bench"]) == 14 and keys["openai/gsm8k:main"].tasks == ("gsm8k",)
+    assert keys["harsh147/GroundCocoa"].streaming and "streams from the Hub" in keys["harsh147/GroundCocoa"].describe()
+    assert {(t.source, t.split, t.max_chars) for t in want.texts} == {
+        ("wikitext2", "test", 4000000), ("c4", "validation", 4000000), ("pile", "validation", 4000000),
+        ("wikitext2", "validation", 4000000)}
+
+
+def test_paper_dry_run_resolves_from_the_stage(paper_stage, tmp_path):
+    """`snakemake -n` of config/paper.yaml with offline.stage_dir: the stage is checked, every job resolves, and the
+    checkpoints are passed as their staged snapshot folders. One missing item stops it before any job, in one line."""
+    d, _, want = paper_stage
+    root = d / "st"
+    (tmp_path / "offline.yaml").write_text(yaml.safe_dump({"offline": {"stage_dir": str(root)}}))
+    args = ["--configfile", str(ROOT / "config/paper.yaml"), str(tmp_path / "offline.yaml")]
+    res = _snakemake(tmp_path / "work", *args, "-n", "-p", env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    manifest = json.loads((root / "stage.json").read_text())
+    snap = root / manifest["models"]["deepseek-ai/DeepSeek-V2-Lite@main"]["snapshot"]
+    assert f"alloc-moe eval --model {snap} --plan original " in res.stdout
+    assert f"alloc-moe profile --method lexi --model {snap} " in res.stdout
+    assert "deepseek-ai/DeepSeek-V2-Lite" not in res.stdout.replace(str(snap), "")  # never the hub id
+    assert sum(line in ("rule download:", "localrule download:") for line in res.stdout.splitlines()) == 4
+
+    kept = (root / "stage.json").read_bytes()
+    del manifest["datasets"]["cais/mmlu:anatomy"]
+    st.write_manifest(root, manifest)
+    try:
+        res = _snakemake(tmp_path / "work2", *args, "-n", env={"HF_HUB_OFFLINE": "1"})
+    finally:
+        (root / "stage.json").write_bytes(kept)
+    lines = [x for x in res.stderr.splitlines() if not x.startswith("Config file config/config.yaml is extended")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith(f"config error: offline.stage_dir: the stage '{root}' lacks 1 of the "
+                               f"{len(want.items())} items the config needs: dataset cais/mmlu:anatomy (task mmlu): "
+                               "not staged;")
+    assert "rule " not in res.stdout and not (tmp_path / "work2/results").exists()
