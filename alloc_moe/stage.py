@@ -480,14 +480,15 @@ class HubSource:
         return HfApi().model_info(repo, revision=revision).sha
 
     def _plan(self, need: ModelNeed) -> tuple[int, list[str]]:
-        """(bytes still to download, ignore patterns) from a dry run of snapshot_download."""
+        """(bytes of the files to fetch, ignore patterns) from a dry run of snapshot_download: a repository with
+        safetensors gets no duplicate weight formats."""
         if need.key not in self._plans:
+            from fnmatch import fnmatch
+
             from huggingface_hub import snapshot_download
 
             files = snapshot_download(need.repo, revision=need.revision, dry_run=True)
             ignore = DUPLICATE_WEIGHTS if any(f.filename.endswith(".safetensors") for f in files) else []
-            from fnmatch import fnmatch
-
             size = sum(f.file_size or 0 for f in files if not any(fnmatch(f.filename, p) for p in ignore))
             self._plans[need.key] = (size, ignore)
         return self._plans[need.key]
