@@ -158,7 +158,13 @@ def _task_manager(include_path: str | None, defaults: bool):
         def load(self, tasks):
             key = json.dumps(tasks, sort_keys=True, default=str)
             if key not in self._loaded:
-                self._loaded[key] = super().load(tasks)
+                try:
+                    self._loaded[key] = super().load(tasks)
+                except (ConnectionError, FileNotFoundError) as e:  # datasets' offline / not-found errors: one line
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise AllocMoeError(f"cannot load the data of the lm-eval tasks ({type(e).__name__}: {first}); "
+                                        "offline, stage the datasets (alloc-moe stage) and run with HF_DATASETS_CACHE="
+                                        "<stage>/datasets HF_DATASETS_OFFLINE=1 (the workflow's offline.stage_dir)") from None
             return self._loaded[key]
 
     return ReusingTaskManager(include_path=include_path, include_defaults=defaults)

@@ -30,7 +30,7 @@ def _command_modules():
     import importlib
 
     for name in ("plan_cli", "zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy",
-                 "latency", "load_balance", "regress", "download"):
+                 "latency", "load_balance", "regress", "download", "stage"):
         try:
             mod = importlib.import_module(f"alloc_moe.{name}")
         except ModuleNotFoundError as e:

@@ -7,9 +7,15 @@ A re-run with the same request verifies the JSONL against its sidecar and downlo
 matches its checksum is an error (a corrupted cache is not silently replaced: delete it, or pass --force). Without
 the Hub (no network, HF_DATASETS_OFFLINE=1) the command fails with one line naming the workflow config key
 (`download.local.<source>_<split>`) where a local copy of the split can be given instead; nothing is written.
+
+With a stage directory (`--stage DIR`, or ALLOC_MOE_STAGE_DIR, which the workflow sets for `offline.stage_dir`) the
+split is copied from the JSONL and sidecar `alloc-moe stage` wrote there (`staged_path`), checksum verified: the same
+bytes and sidecar as a download from the Hub, without network.
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .data import SOURCES, Document, _cap_chars, _iter_texts
@@ -20,6 +26,14 @@ from .io import atomic_path, atomic_write_text, sha256_file
 LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text", ".arrow": "arrow",
                   ".csv": "csv"}
 COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
+
+
+STAGE_ENV = "ALLOC_MOE_STAGE_DIR"  # a stage directory (alloc_moe.stage) the split is copied from instead of the Hub
+
+
+def staged_path(stage_dir: str | Path, source: str, split: str, max_chars: int | None) -> Path:
+    """Where a stage keeps a split: <stage>/text/<source>_<split>.jsonl, or .max<N>.jsonl when cut at N characters."""
+    return Path(stage_dir) / "text" / f"{source}_{split}{f'.max{max_chars}' if max_chars else ''}.jsonl"
 
 
 def meta_path(out: str | Path) -> Path:
@@ -105,9 +119,29 @@ def _cached(out: Path, want: dict) -> dict | None:
     return recorded
 
 
+def _from_stage(source: str, split: str, out: Path, want: dict, stage: Path) -> dict:
+    """Copy the staged JSONL that answers `want` (checksum verified) to `out`, with its sidecar; the sidecar."""
+    staged = staged_path(stage, source, split, want["max_chars"])
+    recorded = _cached(staged, want)
+    if recorded is None:
+        cut = f" cut at {want['max_chars']} characters" if want["max_chars"] else ""
+        raise AllocMoeError(f"the stage {str(stage)!r} holds no {source} split {split!r}{cut} at revision "
+                            f"{str(want.get('revision'))[:12]} ({staged.name} with its sidecar); stage it where the Hub "
+                            f"is reachable: alloc-moe stage --configfile CONFIG --out {stage}")
+    meta_path(out).unlink(missing_ok=True)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(staged, tmp)
+    atomic_write_text(meta_path(out), json.dumps(recorded, indent=1) + "\n")
+    return recorded
+
+
 def download(source: str, out: str | Path, *, split: str | None = None, local: str | Path | None = None,
-             max_chars: int | None = None, force: bool = False) -> tuple[dict, bool]:
-    """Write `out` (JSONL) and its sidecar; returns (sidecar, whether the cache answered without loading)."""
+             max_chars: int | None = None, force: bool = False, stage: str | Path | None = None,
+             loader=None) -> tuple[dict, bool]:
+    """Write `out` (JSONL) and its sidecar; returns (sidecar, whether the cache answered without loading).
+
+    `stage`: copy the split from that stage directory instead of the Hub (not with `local`). `loader(source, split)`:
+    what returns the Hub's split as a `datasets.Dataset` (`alloc_moe.stage`'s sources; default: the Hub itself)."""
     if source not in SOURCES:
         raise AllocMoeError(f"unknown dataset {source!r}; allowed: {', '.join(SOURCES)}")
     if max_chars is not None and max_chars < 1:
@@ -123,7 +157,9 @@ def download(source: str, out: str | Path, *, split: str | None = None, local: s
     want = request(source, split, local=local, max_chars=max_chars)
     if not force and (recorded := _cached(out, want)) is not None:
         return recorded, True
-    ds = _load(source, split, local)
+    if local is None and stage is not None:
+        return _from_stage(source, split, out, want, Path(stage)), False
+    ds = loader(source, split) if loader is not None and local is None else _load(source, split, local)
     docs = _cap_chars((Document(t, source) for t in _iter_texts(ds, SOURCES[source].text_field)), max_chars)
     meta_path(out).unlink(missing_ok=True)  # a JSONL without its sidecar is never taken for a cache hit
     rows = chars = 0
@@ -150,14 +186,20 @@ def register_cli(sub) -> None:
                    help="read this local copy of the split instead of the Hub (" + ", ".join(LOCAL_BUILDERS) + ")")
     p.add_argument("--max-chars", type=int, default=None, help="keep rows in order up to this many characters")
     p.add_argument("--force", action="store_true", help="load again even when a verified cached file answers")
+    p.add_argument("--stage", metavar="DIR", default=os.environ.get(STAGE_ENV) or None,
+                   help=f"copy the split from this stage directory (alloc-moe stage) instead of the Hub (default: "
+                        f"${STAGE_ENV}, which the workflow sets for offline.stage_dir)")
     p.add_argument("--out", required=True, help="JSONL to write; the sidecar is <out minus .jsonl>.meta.json")
     p.set_defaults(func=_cmd_download)
 
 
 def _cmd_download(args) -> int:
     meta, cached = download(args.dataset, args.out, split=args.split, local=args.local, max_chars=args.max_chars,
-                            force=args.force)
+                            force=args.force, stage=args.stage)
     origin = meta.get("local_file") or f"{meta['dataset']}@{meta['revision'][:12]}"
-    print(f"{'verified cached' if cached else 'wrote'} {args.out}: {meta['rows']} rows, {meta['chars']} characters "
-          f"of {args.dataset} split {meta['split']} ({origin}), sha256 {meta['sha256'][:16]}...")
+    staged = not cached and args.stage and not args.local
+    verb = "verified cached" if cached else "copied" if staged else "wrote"
+    print(f"{verb} {args.out}: {meta['rows']} rows, {meta['chars']} characters of {args.dataset} split "
+          f"{meta['split']} ({origin}{f', from the stage {args.stage}' if staged else ''}), "
+          f"sha256 {meta['sha256'][:16]}...")
     return 0

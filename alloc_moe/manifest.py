@@ -58,15 +58,32 @@ def hardware() -> dict:
     return {"cpu_model": model or platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
 
 
+def checkpoints(config: dict) -> dict:
+    """model name -> {path, revision, commit} for the config's hub checkpoints: the commit their revision (default main)
+    resolved to in the local hub cache (a stage's, offline), which is the one the run loaded; None where unknown."""
+    from .loading import is_hub_id, resolved_commit
+
+    out = {}
+    for name, spec in sorted((config.get("models") or {}).items()):
+        if spec and "path" in spec and is_hub_id(spec["path"]):
+            revision = spec.get("revision") or "main"
+            out[name] = {"path": spec["path"], "revision": revision,
+                         "commit": resolved_commit(f"{spec['path']}@{revision}")}
+    return out
+
+
 def write_manifest(directory: str | Path, config: dict, files=()) -> Path:
     """Write `<directory>/summary/manifest.json` (atomically) and return its path. `files`: the summary tables it
-    covers, recorded by file name with their sha256."""
+    covers, recorded by file name with their sha256. `checkpoints` records the commit each hub checkpoint resolved to
+    (a branch such as main moves; the commit does not)."""
     from .provenance import environment
 
     path = Path(directory) / "summary" / MANIFEST
     hashes = {Path(f).name: sha256_file(f) for f in files}
     manifest = {"config_hash": config_hash(config), "config": json.loads(canonical_json(config)), **environment(),
                 "packages": package_versions(), "hardware": hardware(), "files": hashes}
+    if ckpts := checkpoints(config):
+        manifest["checkpoints"] = ckpts
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return path
 

@@ -79,14 +79,17 @@ def check_plan_fits(plan, layers: list[MoeLayer]) -> None:
 
 
 def config_moe_layers(model_path: str) -> list[MoeLayer] | None:
-    """The MoE layers of `model_path` (a directory, or a hub id whose config is cached) from a parameter-free (meta
-    device) copy built from its config; None for a hub id whose config cannot be read here."""
+    """The MoE layers of `model_path` (a directory, or a hub id (@revision, `loading.split_ref`) whose config is cached)
+    from a parameter-free (meta device) copy built from its config; None for a hub id whose config cannot be read here."""
     import os
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .loading import split_ref
+
+    name, revision = split_ref(model_path)
     try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as e:
         if not os.path.isdir(model_path):
             return None

@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..errors import AllocMoeError
+from ..loading import hub_kwargs, split_ref
 from ..plan import Plan
 from . import engine
 
@@ -19,7 +20,8 @@ def _prompts(model: str, batch: int, prompt: int, seed: int) -> list[list[int]]:
     """[B, P] seeded random ids below the model's vocab_size: the same prompts as the hf backend (`latency._inputs`)."""
     from transformers import AutoConfig
 
-    vocab = int(AutoConfig.from_pretrained(model).vocab_size)
+    name, revision = split_ref(model)
+    vocab = int(AutoConfig.from_pretrained(name, revision=revision).vocab_size)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, prompt), generator=g).tolist()
 
@@ -51,7 +53,8 @@ def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, pro
     rows = []
     for label, plan in plans:
         with engine.plan_env(plan):
-            llm = LLM(model=model, enable_prefix_caching=False, **kwargs)
+            name, revision = hub_kwargs(model)  # org/name@revision: the revision reaches the engine and the tokenizer
+            llm = LLM(model=name, enable_prefix_caching=False, **revision, **kwargs)
             try:
                 for i in range(warmup + runs):
                     pre = _timed(llm, prompts, first)

@@ -14,6 +14,7 @@ import importlib.metadata
 import sys
 
 from ..errors import AllocMoeError
+from ..loading import hub_kwargs
 from ..plan import Plan
 from . import engine
 
@@ -54,7 +55,8 @@ def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, devic
     record = engine.engine_record(kwargs) | {"device": device, "dtype": kwargs["dtype"]}  # dtype as resolved
     with engine.plan_env(plan):
         VLLM = lm_eval_vllm_module().VLLM
-        lm = VLLM(pretrained=model, batch_size=batch_size, **kwargs)
+        name, revision = hub_kwargs(model)  # org/name@revision: the revision reaches the engine and the tokenizer
+        lm = VLLM(pretrained=name, batch_size=batch_size, **revision, **kwargs)
         lm.alloc_moe_record = record
         try:
             yield lm

@@ -13,7 +13,7 @@ def _tasks_args(run):
 def _eval_rule(run, label, plan_files, outs):
     task_inputs, task_args = _tasks_args(run)
     spec = spec_of(run)
-    model = spec["path"] if "path" in spec else f"results/{run}/model"
+    model = model_ref(run)  # a staged snapshot folder, hub id@revision, a local or a trained model
     pairs = " ".join(f"--plan {p} --out {o}" for p, o in zip(plan_files, outs))
     limit = f"--limit {ACC['limit']}" if ACC.get("limit") else ""
     hf = spec.get("backend", "hf") == "hf"  # perplexity needs the HF model (a vLLM engine holds the GPU)

@@ -122,19 +122,19 @@ def num_moe_layers(run):
         return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
     from transformers import AutoConfig
 
-    source = str(Path(workflow.basedir, spec["hub_config"])) if "hub_config" in spec else spec["path"]
+    source = str(Path(workflow.basedir, spec["hub_config"])) if "hub_config" in spec else model_ref(run)
     try:
-        cfg = AutoConfig.from_pretrained(source)
+        name, revision = split_ref(source)
+        cfg = AutoConfig.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         config_fail(f"models.{RUNS[run][0]}: cannot read the model config of {source!r} ({first}); offline, give "
-                    "hub_config: a copy of the checkpoint's config.json")
+                    "hub_config: a copy of the checkpoint's config.json, or run from a stage (offline.stage_dir)")
     return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
 
 
 def model_dir(wildcards):
-    spec = spec_of(wildcards.run)
-    return spec["path"] if "path" in spec else f"results/{wildcards.run}/model"
+    return model_ref(wildcards.run)
 
 
 def model_input(wildcards):
@@ -163,6 +163,40 @@ for _key, _name in [*(("calibration", c) for c in CAL_SETS), ("evaluation.text",
 for _key, _path in DOWNLOAD.get("local", {}).items():
     if not os.path.isfile(_path):
         config_fail(f"download.local.{_key}: local copy {_path!r} not found")
+
+
+# --- hub checkpoints at a revision, and offline runs from a stage (`offline: {stage_dir: DIR}`, alloc-moe stage) ---
+from alloc_moe.errors import AllocMoeError
+from alloc_moe.loading import is_hub_id, split_ref
+from alloc_moe.stage import check as check_stage, model_needs, offline_env
+
+try:
+    model_needs(config)  # a revision belongs to a hub-id path
+except AllocMoeError as e:
+    config_fail(str(e))
+
+# With a stage, everything the config downloads must be in it, checked here before any job (one line names what is
+# not). Then every job started from this process gets the stage's hub and datasets caches with the hub turned off
+# (`stage.offline_env`), hub checkpoints load from their staged snapshot folders (`model_ref`), and the `download`
+# rule copies the staged text (ALLOC_MOE_STAGE_DIR).
+STAGE = None
+if config.get("offline", {}).get("stage_dir"):
+    try:
+        STAGE = check_stage(config, config["offline"]["stage_dir"])
+    except AllocMoeError as e:
+        config_fail(f"offline.stage_dir: {e}")
+    os.environ.update(offline_env(STAGE.root))
+
+
+def model_ref(run):
+    """What a run's jobs pass as --model: the staged snapshot folder (offline.stage_dir), hub id@revision, a local
+    directory, or the folder the run's train / make_model rule writes."""
+    spec = spec_of(run)
+    if "path" not in spec:
+        return f"results/{run}/model"
+    if STAGE is not None and is_hub_id(spec["path"]):
+        return STAGE.model_dir(spec["path"], spec.get("revision"))
+    return f"{spec['path']}@{spec['revision']}" if spec.get("revision") else spec["path"]
 
 
 # --- train / make-model arguments (rules/model.smk) ---
