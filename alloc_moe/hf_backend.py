@@ -6,7 +6,8 @@ index [T,K])` and then `experts(hidden, index, weights)`. Two patch points, neit
 - top-k mode: the router reads `gate.top_k` at every forward, so we set it to K_l. The experts then get [T, K_l]
   slots: T*K_l rows are computed, in every experts implementation, and routing is the model's own.
 - alloc-t / top-p / naee: a forward hook on `gate` keeps the router's K_orig slots in place and marks dropped pairs
-  with the sentinel id `num_experts` and weight 0. The `eager` experts skip the sentinel expert; `grouped_mm` sorts
+  with the sentinel id `num_experts` and weight 0 (`routing.drop_pairs`, shared with the vLLM backend). The `eager`
+  experts skip the sentinel expert; `grouped_mm` sorts
   sentinels to the tail and computes only rows below the last offset (`_is_expert_parallel = True` makes it zero
   those tail rows instead of leaving them uninitialised). `batched_mm` computes every slot whatever we do.
   Slots are never reordered, so keeping every pair reproduces the unpatched model bit for bit.
@@ -16,11 +17,12 @@ import warnings
 
 import torch
 
+from . import routing
 from .errors import AllocMoeError
 from .moe_model import ARCHITECTURES, MoeLayer, check_plan_fits, moe_layers  # noqa: F401 - re-exported
 from .plan import Plan, as_plan
+from .routing import LayerRule
 from .routing_stats import RoutingStats
-from .token_alloc import TOKEN_METHODS
 
 
 class _TokenMask:
@@ -79,20 +81,12 @@ class AppliedPlan:
         self.remove()
 
 
-def _router_hook(m: MoeLayer, slots_fn, kwargs: dict, token_mask: _TokenMask, needs_mask: bool):
-    sentinel = m.num_experts
-
+def _router_hook(m: MoeLayer, rule: LayerRule, token_mask: _TokenMask):
     def hook(gate, args, output):
         logits, weights, index = output  # [T, E], [T, K], [T, K]
-        probs = logits.float().softmax(dim=-1)  # [T, E]
-        scores = probs.gather(1, index)  # [T, K] in the router's slot order
-        mask = token_mask.get(index.shape[0]) if needs_mask else None
-        keep = slots_fn(scores, token_mask=mask, **kwargs)  # [T, K]
-        new_w = torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
-        if m.renormalize:
-            renormed = new_w / new_w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(new_w.dtype).tiny)
-            new_w = torch.where(keep.all(dim=-1, keepdim=True), weights, renormed)  # untouched rows stay bit-exact
-        new_index = torch.where(keep, index, torch.full_like(index, sentinel))
+        mask = token_mask.get(index.shape[0]) if rule.uses_token_mask else None
+        new_w, new_index = routing.drop_pairs(logits, weights, index, rule, sentinel=m.num_experts,
+                                              renormalize=m.renormalize, token_mask=mask)
         return logits, new_w, new_index
 
     return hook
@@ -139,19 +133,12 @@ def _patch(handle: AppliedPlan, plan: Plan, layers: list[MoeLayer], impl) -> Non
     if impl == "batched_mm":
         warnings.warn("experts_implementation='batched_mm' computes every slot: dropped pairs are zero-weighted but "
                       "not skipped, so there is no compute saving (use 'grouped_mm' or 'eager')", stacklevel=3)
-    slots_fn = TOKEN_METHODS[mode]
-    needs_mask = mode == "alloc-t"
-    if needs_mask:
+    rules = routing.layer_rules(plan, [m.k_orig for m in layers])
+    if mode == "alloc-t":  # which of the flattened tokens are padding, for the rules that spend a budget
         base = getattr(handle.model, "model", handle.model)
         handle._handles.append(base.register_forward_pre_hook(handle._token_mask.capture, with_kwargs=True))
-    for i, (m, k) in enumerate(zip(layers, plan.k_per_layer)):
-        if mode == "alloc-t":
-            kwargs = {"k_layer": float(k), "k_base": plan.k_base}
-        else:
-            kwargs = {"threshold": float(plan.thresholds[i])}
-        # at K_orig every candidate is kept, padding included, so the layer is exactly the original one
-        masked = needs_mask and k != m.k_orig
-        handle._handles.append(m.gate.register_forward_hook(_router_hook(m, slots_fn, kwargs, handle._token_mask, masked)))
+    for m, rule in zip(layers, rules):  # at K_orig (keeps_everything) the hook runs and keeps all: bit-exact
+        handle._handles.append(m.gate.register_forward_hook(_router_hook(m, rule, handle._token_mask)))
         handle._set(m.experts, "_is_expert_parallel", True)
 
 

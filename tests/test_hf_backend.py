@@ -780,3 +780,34 @@ def test_real_topologies_half_budget(topology, n_layers, first, k_orig, experts)
     expected = {m.index: 8 * (k_orig // 2) for m in layers}
     assert counter.rows == expected and h.stats.computed_pairs() == expected
     assert_clean(model, k_orig)
+
+
+def test_drop_pairs_is_the_one_place_a_pair_is_dropped(monkeypatch):
+    """The HF router hook drops pairs only through `alloc_moe.routing.drop_pairs` (the vLLM backend's test does the
+    same on its side): replacing it changes what the experts compute, for every variable mode."""
+    from alloc_moe import routing
+
+    model = build("olmoe", router_std=1.0)
+    ids = ids_of()
+    K = moe_layers(model)[0].k_orig
+    n = len(moe_layers(model))
+    plans = {"alloc-t": make_plan(model, [K - 0.5] * n, "alloc-t"),
+             "naee": make_plan(model, [float(K)] * n, "naee", thresholds=[0.2] * n)}
+    seen = []
+
+    def keep_first_slot(router_logits, weights, ids_, rule, *, sentinel, renormalize, token_mask=None, bounds=None):
+        seen.append(rule.mode)
+        slot0 = torch.zeros_like(ids_, dtype=torch.bool).scatter(1, weights.argmax(-1, keepdim=True), True)
+        return torch.where(slot0, weights, 0.0), torch.where(slot0, ids_, sentinel)
+
+    for mode, plan in plans.items():
+        with apply(model, plan, stats=True) as h:
+            real = logits(model, ids)
+            real_pairs = sum(h.stats.computed_pairs().values())
+        monkeypatch.setattr(routing, "drop_pairs", keep_first_slot)
+        seen.clear()
+        with apply(model, plan, stats=True) as h:
+            replaced = logits(model, ids)
+            assert sum(h.stats.computed_pairs().values()) == ids.numel() * n != real_pairs
+        monkeypatch.undo()
+        assert seen == [mode] * n and not torch.equal(real, replaced)

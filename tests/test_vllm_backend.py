@@ -309,3 +309,29 @@ def test_plugin_mismatch_stops_the_engine(olmoe, tmp_path, monkeypatch):
     plan = Plan.from_dict(plans(model_dir)["topk"].to_dict() | {"moe_layers": [1, 2, 3]})
     with engine.plan_env(plan), pytest.raises(AllocMoeError, match=r"plan is for MoE layers 1\.\.3"):
         LLM(model=model_dir, distributed_executor_backend="uni", **engine.engine_kwargs(dtype="float32", seed=0))
+
+
+def test_both_backends_drop_pairs_in_one_place(setup, monkeypatch):
+    """`alloc_moe.routing.drop_pairs` is where both backends drop a pair: replacing it once (here: every token keeps
+    only its top-1 candidate, whatever the router's slot order) changes vLLM and HF alike, and they still agree."""
+    from alloc_moe import routing
+
+    model_dir, hf, llm = setup
+    plan = plans(model_dir)["top-p"]
+    ids = prompts()[0]
+    real = run_with_plan(llm, plan, [ids])[0][0]
+    calls = []
+
+    def first_slot_only(router_logits, weights, ids_, rule, *, sentinel, renormalize, token_mask=None, bounds=None):
+        calls.append(rule.mode)
+        keep = torch.zeros_like(ids_, dtype=torch.bool).scatter(1, weights.argmax(-1, keepdim=True), True)  # top-1
+        return (torch.where(keep, weights, torch.zeros_like(weights)),
+                torch.where(keep, ids_, torch.full_like(ids_, sentinel)))
+
+    monkeypatch.setattr(routing, "drop_pairs", first_slot_only)
+    got = run_with_plan(llm, plan, [ids])[0][0]
+    n_vllm = len(calls)
+    ref = hf_prompt_logprobs(hf, ids, plan)
+    assert n_vllm > 0 and len(calls) > n_vllm  # both backends went through the replacement
+    assert float((got - real).abs().max()) > 1e-3  # ... and it changed what they computed
+    assert float((got - ref).abs().max()) <= LOGPROB_TOL  # ... in the same way

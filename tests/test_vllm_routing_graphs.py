@@ -9,11 +9,11 @@ import types
 
 import pytest
 import torch
+from test_token_alloc import _graph_ops, _sync_ops
 
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.token_alloc import TOKEN_METHODS
+from alloc_moe.routing import LayerRule
 from alloc_moe.vllm_backend import routing
-from test_token_alloc import _graph_ops, _sync_ops
 
 E, K = 16, 4
 
@@ -24,10 +24,10 @@ def _orig(hidden_states, router_logits, indices_type, **_):
     return w, ids.to(indices_type)
 
 
-def _patched(mode="alloc-t", renormalize=False, **kwargs):
+def _patched(mode="alloc-t", renormalize=False):
     router = types.SimpleNamespace(renormalize=renormalize)
-    kwargs = kwargs or ({"k_layer": 2.0, "k_base": 1} if mode == "alloc-t" else {"threshold": 0.5})
-    return routing._routing_patch(router, _orig, TOKEN_METHODS[mode], kwargs, mode == "alloc-t", False)
+    args = (("k_layer", 2.0), ("k_base", 1)) if mode == "alloc-t" else (("threshold", 0.5),)
+    return routing._routing_patch(router, _orig, LayerRule(mode, args), False)
 
 
 def _ctx(monkeypatch, is_padding):

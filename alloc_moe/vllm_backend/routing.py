@@ -3,8 +3,8 @@
 - top-k mode: each layer's `router.top_k` is set to K_l before the engine compiles or captures graphs, so the router
   returns [T, K_l] and the expert kernels get T*K_l pairs (vLLM's own routing, nothing else changes).
 - alloc-t / top-p / naee: the router's `_compute_routing` is wrapped. It keeps the router's [T, K_orig] slots in
-  place, asks the project's slot allocator (`token_alloc.TOKEN_METHODS`, the same contract the HF backend uses) which
-  pairs to keep, and marks dropped pairs with expert id -1 and weight 0 (static shapes, no host sync in step scope).
+  place and hands them to `alloc_moe.routing.drop_pairs` (the one function both backends call), which marks dropped
+  pairs with expert id -1 and weight 0 (static shapes, no host sync in step scope).
   The experts must then skip them: `cpu_experts` (vLLM's CPU kernel has no bounds check) or `cuda` (Triton).
 
 Which tokens compete in Alloc-T (`ALLOC_MOE_ALLOC_T_SCOPE`): `step` (default, the paper's setting: all tokens of
@@ -25,10 +25,11 @@ import re
 
 import torch
 
+from .. import routing as core_routing
 from ..errors import AllocMoeError
 from ..moe_model import check_plan_fits
 from ..plan import Plan
-from ..token_alloc import TOKEN_METHODS
+from ..routing import LayerRule
 
 SCOPE_ENV = "ALLOC_MOE_ALLOC_T_SCOPE"
 SCOPES = ("step", "sequence")
@@ -122,34 +123,16 @@ def _sequence_bounds(T: int) -> list[int] | None:
     return None
 
 
-def _keep(slots_fn, scores: torch.Tensor, kwargs: dict, masked: bool, per_sequence: bool) -> torch.Tensor:
-    """keep [T, K] for the router's candidate `scores [T, K]`."""
-    T = scores.shape[0]
-    mask = _token_mask(T) if masked else None
-    bounds = _sequence_bounds(T) if per_sequence else None
-    if bounds is None or len(bounds) <= 2:
-        return slots_fn(scores, token_mask=mask, **kwargs)
-    parts = [
-        slots_fn(scores[a:b], token_mask=None if mask is None else mask[a:b], **kwargs)
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-    ]
-    return torch.cat(parts)
-
-
-def _routing_patch(router, orig, slots_fn, kwargs: dict, masked: bool, per_sequence: bool):
+def _routing_patch(router, orig, rule: LayerRule, per_sequence: bool):
     renormalize = bool(getattr(router, "renormalize", False))
 
     def compute_routing(hidden_states, router_logits, indices_type, **kw):
         weights, ids = orig(hidden_states, router_logits, indices_type, **kw)  # [T, K], [T, K]
-        probs = router_logits.float().softmax(dim=-1)  # [T, E]
-        scores = probs.gather(1, ids.long())  # [T, K] in the router's slot order
-        keep = _keep(slots_fn, scores, kwargs, masked, per_sequence)  # [T, K]
-        zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
-        new_w = torch.where(keep, weights, zero)
-        if renormalize:
-            renormed = new_w / new_w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(new_w.dtype).tiny)
-            new_w = torch.where(keep.all(dim=-1, keepdim=True), weights, renormed)  # untouched rows stay bit-exact
-        new_ids = torch.where(keep, ids, torch.full_like(ids, DROPPED_ID))
+        T = ids.shape[0]
+        new_w, new_ids = core_routing.drop_pairs(
+            router_logits, weights, ids, rule, sentinel=DROPPED_ID, renormalize=renormalize,
+            token_mask=_token_mask(T) if rule.uses_token_mask else None,
+            bounds=_sequence_bounds(T) if per_sequence else None)
         return new_w.contiguous(), new_ids.contiguous()
 
     return compute_routing
@@ -179,21 +162,15 @@ def apply_plan(model: torch.nn.Module, plan: Plan) -> list[VllmMoeLayer]:
     else:
         from .experts import patch_experts
 
-        slots_fn = TOKEN_METHODS[mode]
         per_sequence = mode == "alloc-t" and alloc_t_scope() == "sequence"
         if per_sequence:
             check_scope("sequence", engine_is_eager())
-        for i, (m, k) in enumerate(zip(layers, plan.k_per_layer)):
-            if mode == "alloc-t":
-                if k == m.k_orig:
-                    continue  # every candidate is kept: the layer stays exactly the original one (as in HF)
-                kwargs = {"k_layer": float(k), "k_base": plan.k_base}
-            else:
-                kwargs = {"threshold": float(plan.thresholds[i])}
+        for m, rule in zip(layers, core_routing.layer_rules(plan, [m.k_orig for m in layers])):
+            if rule.keeps_everything:
+                continue  # Alloc-T at K_orig keeps every candidate: the layer stays exactly the original one (as in HF)
             patch_experts(m)
             m.router._alloc_moe_k_orig = m.k_orig
-            m.router._compute_routing = _routing_patch(
-                m.router, m.router._compute_routing, slots_fn, kwargs, mode == "alloc-t", per_sequence)
+            m.router._compute_routing = _routing_patch(m.router, m.router._compute_routing, rule, per_sequence)
     model._alloc_moe_applied = layers
     return layers
 
