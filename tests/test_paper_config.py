@@ -8,6 +8,7 @@ embedded default config/config.yaml."""
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,10 +85,17 @@ def _expected(cfg: dict) -> tuple[dict[str, int], set[str]]:
 
 
 @pytest.fixture(scope="module")
-def paper(tmp_path_factory):
-    res = _snakemake(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"])
+def paper_log(tmp_path_factory):
+    """The dry run of config/paper.yaml as the README runs it on one GPU (`--resources gpu=1`), with shell commands."""
+    res = _snakemake(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"], "-n", "--resources", "gpu=1",
+                     "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return _jobs(res.stdout + res.stderr)
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def paper(paper_log):
+    return _jobs(paper_log)
 
 
 @pytest.mark.parametrize("name", ["paper", "smoke"])
@@ -118,6 +126,66 @@ def test_paper_plan_count_is_the_papers_design(paper):
     assert not [p for p in ds if "__kb6__" in p]  # 6 x 26 > 130: n/a
     assert "results/deepseek-v2-lite-s0/plans/alloc-l__alloc-t__kb1__wikitext2__B78.json" in ds  # Alloc-MoE
     assert "results/olmoe-1b-7b-0924-s0/plans/uniform__alloc-t__kb7__none__B112.json" in outputs["plan"]
+
+
+def _job_listing(log: str) -> list[dict]:
+    """Every job of a dry run's listing (with --printshellcmds): rule, resources {name: value}, shell command."""
+    jobs = []
+    for line in log.splitlines():
+        if m := re.match(r"^(?:local)?rule (\S+):$", line):
+            jobs.append({"rule": m.group(1), "resources": None, "shell": None})
+        elif jobs and (m := re.match(r"^\s+resources: (.*)$", line)):
+            jobs[-1]["resources"] = dict(kv.split("=", 1) for kv in m.group(1).split(", "))
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
+    return jobs
+
+
+# alloc-moe subcommands that never load model weights (`plan --model` is a label recorded in the plan)
+NO_WEIGHTS = {"plan", "make-corpus", "make-tasks", "download", "make-model", "train"}
+
+
+def _loads_model_on_gpu(shell: str | None) -> bool:
+    """Whether a job's command can put a model on the GPU, read from the command alone (not from the rule): an
+    `alloc-moe` subcommand that loads weights with --device cuda*, or with a real checkpoint (not one the workflow
+    builds under results/) unless it runs on CPU through transformers (--device cpu, backend hf); vLLM picks the GPU
+    itself. A `script:` rule has no shell command: none loads a model today."""
+    if not shell:
+        return False
+    argv = shlex.split(shell.split(" > ")[0])
+    if argv[0] != "alloc-moe" or argv[1] in NO_WEIGHTS:
+        return False
+    opts = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+    device, model = opts.get("--device", "auto"), opts.get("--model")
+    if device.startswith("cuda"):
+        return True
+    real = model is not None and not model.startswith("results/")
+    return real and not (device == "cpu" and opts.get("--backend", "hf") == "hf")
+
+
+def test_every_job_that_loads_a_model_on_the_gpu_requests_it(paper_log):
+    """Under `--resources gpu=1` two jobs that each request gpu=1 never overlap: so every job that can load a model
+    on the GPU must request it (else it runs beside a vLLM engine that wants 85% of the memory); jobs that cannot
+    request none, so they run side by side."""
+    jobs = _job_listing(paper_log)
+    assert len(jobs) == sum(_jobs(paper_log)[0].values()) and all(j["resources"] is not None for j in jobs)
+    wrong = [(j["rule"], j["resources"].get("gpu"), (j["shell"] or "")[:120]) for j in jobs
+             if j["resources"].get("gpu", "0") != ("1" if _loads_model_on_gpu(j["shell"]) else "0")]
+    assert not wrong, wrong
+    on_gpu = Counter(re.sub(r"^accuracy_.*", "accuracy", j["rule"]) for j in jobs if j["resources"].get("gpu") == "1")
+    # 3 models: profiles (3 calibration sets + LExI), routing scores (wikitext2), load balance, latency, 5 accuracy
+    assert on_gpu == {"profile_ppl": 9, "profile_lexi": 3, "routing_scores": 3, "load_balance": 3, "latency": 3,
+                      "accuracy": 15}
+
+
+def test_embedded_default_requests_no_gpu(tmp_path):
+    """The embedded default (CPU) requests no GPU anywhere: `--cores 2` runs its jobs side by side."""
+    res = _snakemake(tmp_path, [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    jobs = _job_listing(res.stdout + res.stderr)
+    assert jobs and all(j["resources"] is not None and j["resources"].get("gpu", "0") == "0" for j in jobs)
+    assert not any(_loads_model_on_gpu(j["shell"]) for j in jobs)
+    assert any(j["rule"] == "profile_lexi" for j in jobs)
 
 
 BAD = {
