@@ -22,6 +22,7 @@ import json
 import math
 from pathlib import Path
 
+from . import vllm_options
 from .errors import AllocMoeError
 from .io import atomic_write_text, sha256_file
 from .plan import Plan
@@ -301,6 +302,7 @@ def register_cli(sub) -> None:
     p.add_argument("--perplexity", metavar="TEXT", default=None,
                    help="also report perplexity (overall, per family) on this text source (.jsonl/.txt or a source name)")
     p.add_argument("--perplexity-seq-len", type=int, default=64)
+    vllm_options.add_cli_options(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -323,6 +325,7 @@ def _cmd_eval(args) -> int:
         raise AllocMoeError(f"unknown backend {args.backend!r}; allowed: {', '.join(ACCURACY_BACKENDS)}")
     if args.dtype not in ("auto", *DTYPES):
         raise AllocMoeError(f"unknown dtype {args.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    backend_args = vllm_options.from_cli(args, args.backend)
     plans = [None if p == "original" else Plan.load(p) for p in plans_in]
     check_plans_fit_model_dir(args.model, list(zip(plans_in, plans)))
     tasks = resolve_tasks(args.tasks, args.include_path)
@@ -335,7 +338,7 @@ def _cmd_eval(args) -> int:
     results = evaluate(args.model, plans, tasks, backend=args.backend, model_label=args.model_label,
                        calibration=args.calibration, limit=args.limit, batch_size=args.batch_size,
                        num_fewshot=args.num_fewshot, dtype=args.dtype, device=args.device, seed=args.seed,
-                       include_path=args.include_path, perplexity_data=args.perplexity,
+                       include_path=args.include_path, backend_args=backend_args, perplexity_data=args.perplexity,
                        perplexity_seq_len=args.perplexity_seq_len)
     for path, plan_path, res in zip(args.out, plans_in, results):
         res = {"plan": None if plan_path == "original" else plan_path,

@@ -188,6 +188,20 @@ def test_embedded_default_requests_no_gpu(tmp_path):
     assert any(j["rule"] == "profile_lexi" for j in jobs)
 
 
+def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
+    """The `vllm:` config key (smoke.yaml: graphs, 0.85 of the GPU memory, Triton MoE) reaches every vLLM eval and
+    latency job as CLI options, a model's own `vllm:` over it key by key."""
+    (tmp_path / "over.yaml").write_text("vllm: {mode: eager}\n"
+                                        "models: {olmoe-1b-7b-0924: {vllm: {gpu_memory_utilization: 0.5}}}\n")
+    res = _snakemake(tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "over.yaml"], "-n", "--printshellcmds")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cmds = [j["shell"] for j in _job_listing(res.stdout) if j["rule"] == "latency" or j["rule"].startswith("accuracy_")]
+    assert len(cmds) == 3 * 2 + 3
+    for cmd in cmds:
+        share = "0.5" if "--model allenai/OLMoE-1B-7B-0924" in cmd else "0.85"
+        assert f" --vllm-mode eager --gpu-memory-utilization {share} --moe-backend triton " in cmd, cmd
+
+
 BAD = {
     "unknown key": ("models: {deepseek-v2-lite: {budget: [52]}}",
                     "models.deepseek-v2-lite: unknown key 'budget' (allowed: path, hub_config, train, make, seeds, "),
@@ -204,6 +218,10 @@ BAD = {
                                 "calibration: 'wikitext103' is not a file; allowed: a synthetic set "),
     "missing local copy": ("download: {local: {c4_validation: /nowhere/c4.json.gz}}",
                            "download.local.c4_validation: local copy '/nowhere/c4.json.gz' not found"),
+    "gpu memory share > 1": ("vllm: {gpu_memory_utilization: 1.5}",
+                             "vllm.gpu_memory_utilization: 1.5 is greater than the maximum of 1"),
+    "unknown vllm mode": ("models: {olmoe-1b-7b-0924: {vllm: {mode: fast}}}",
+                          "models.olmoe-1b-7b-0924.vllm.mode: 'fast' is not one of ['auto', 'graphs', 'eager']"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),
 }

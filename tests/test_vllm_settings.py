@@ -1,0 +1,91 @@
+"""vLLM engine settings without vLLM or a GPU (`cuda` is injected): CUDA graphs by default on CUDA and eager on CPU,
+an explicit choice wins, every bad value is one line, the provenance records what was resolved."""
+
+import pytest
+
+from alloc_moe import AllocMoeError
+from alloc_moe.cli import main
+from alloc_moe.vllm_backend import engine
+
+
+@pytest.fixture
+def vllm_build(monkeypatch):
+    """Pretend the CUDA build of vLLM is installed (engine_record names it; nothing imports vLLM)."""
+    monkeypatch.setattr(engine, "vllm_distribution", lambda: ("vllm", "0.33.0"))
+
+
+@pytest.mark.parametrize("cuda, mode, eager", [(True, "auto", False), (True, "graphs", False), (True, "eager", True),
+                                               (False, "auto", True), (False, "eager", True), (False, "graphs", False)])
+def test_mode_resolves_per_device(cuda, mode, eager):
+    kw = engine.engine_kwargs(dtype="float32", seed=0, mode=mode, cuda=cuda)
+    assert kw["enforce_eager"] is eager
+
+
+def test_cuda_defaults_and_cpu_leaves_cuda_settings_out():
+    cuda = engine.engine_kwargs(dtype="bfloat16", seed=3, cuda=True)
+    assert (cuda["gpu_memory_utilization"], cuda["moe_backend"], cuda["seed"]) == (0.85, "triton", 3)
+    cpu = engine.engine_kwargs(dtype="float32", seed=0, cuda=False, gpu_memory_utilization=0.5, moe_backend="auto")
+    assert "gpu_memory_utilization" not in cpu and "moe_backend" not in cpu  # the CPU build: its own sizing, kernels
+    assert {k: cpu[k] for k in engine.SCHEDULER} == engine.SCHEDULER and cpu["enforce_eager"] is True
+
+
+def test_explicit_choices_win():
+    kw = engine.engine_kwargs(dtype="float32", seed=0, cuda=True, mode="graphs", enforce_eager=True,
+                              gpu_memory_utilization=0.4, moe_backend="auto", max_num_seqs=2)
+    assert (kw["enforce_eager"], kw["gpu_memory_utilization"], kw["moe_backend"], kw["max_num_seqs"]) == (
+        True, 0.4, "triton", 2)
+    none_given = engine.engine_kwargs(dtype="float32", seed=0, cuda=True, gpu_memory_utilization=None, moe_backend=None)
+    assert (none_given["gpu_memory_utilization"], none_given["moe_backend"]) == (0.85, "triton")
+
+
+@pytest.mark.parametrize("args, msg", [
+    (dict(mode="fast"), "unknown vllm mode 'fast'; allowed: auto, graphs, eager"),
+    (dict(gpu_memory_utilization=0), "gpu_memory_utilization must be a number in (0, 1], got 0"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization must be a number in (0, 1], got 1.5"),
+    (dict(gpu_memory_utilization="high"), "gpu_memory_utilization must be a number in (0, 1], got 'high'"),
+    (dict(moe_backend="Triton MoE"), "unknown moe_backend 'Triton MoE'; allowed: "),
+    (dict(swap_space=4), "unknown vllm backend argument(s) swap_space; allowed: "),
+])
+def test_bad_settings_are_one_line(args, msg):
+    for cuda in (True, False):
+        with pytest.raises(AllocMoeError) as e:
+            engine.engine_kwargs(dtype="float32", seed=0, cuda=cuda, **args)
+        assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_moe_backend_is_checked_against_the_installed_vllm(monkeypatch):
+    monkeypatch.setattr(engine, "installed_moe_backends", lambda: ("auto", "triton", "marlin"))
+    assert engine.engine_kwargs(dtype="float32", seed=0, cuda=True, moe_backend="marlin")["moe_backend"] == "marlin"
+    with pytest.raises(AllocMoeError, match=r"^unknown moe_backend 'cutlas'; allowed: auto, triton, marlin$"):
+        engine.engine_kwargs(dtype="float32", seed=0, cuda=True, moe_backend="cutlas")
+
+
+def test_record_keeps_its_keys_and_adds_the_resolved_settings(vllm_build):
+    kw = engine.engine_kwargs(dtype="bfloat16", seed=0, cuda=True, mode="auto")
+    rec = engine.engine_record(kw, mode="auto")
+    old_keys = {"vllm_distribution", "vllm_version", "scheduler", "enforce_eager", "alloc_t_scope", "custom_ops"}
+    assert old_keys <= set(rec)
+    assert (rec["mode"], rec["enforce_eager"], rec["gpu_memory_utilization"], rec["moe_backend"]) == (
+        "auto", False, 0.85, "triton")
+    cpu = engine.engine_record(engine.engine_kwargs(dtype="float32", seed=0, cuda=False, mode="eager"), mode="eager")
+    assert (cpu["mode"], cpu["enforce_eager"], cpu["gpu_memory_utilization"], cpu["moe_backend"]) == (
+        "eager", True, None, None)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, msg", [
+    (["eval", "--model", "m", "--tasks", "embedded", "--out", "o.json", "--vllm-mode", "eager"],
+     "--vllm-mode, --gpu-memory-utilization and --moe-backend apply to --backend vllm only, not 'hf'"),
+    (["eval", "--model", "m", "--tasks", "embedded", "--out", "o.json", "--backend", "vllm",
+      "--gpu-memory-utilization", "1.2"], "gpu_memory_utilization must be a number in (0, 1], got 1.2"),
+    (["latency", "--model", "m", "--plans", "original", "--out", "l.csv", "--backend", "vllm", "--vllm-mode", "fast"],
+     "unknown vllm mode 'fast'; allowed: auto, graphs, eager"),
+    (["latency", "--model", "m", "--plans", "original", "--out", "l.csv", "--moe-backend", "triton"],
+     "--vllm-mode, --gpu-memory-utilization and --moe-backend apply to --backend vllm only, not 'hf'"),
+])
+def test_cli_refuses_bad_vllm_settings_in_one_line(args, msg, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and msg in err, err
