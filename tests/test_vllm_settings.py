@@ -1,11 +1,15 @@
-"""vLLM engine settings without vLLM or a GPU (`cuda` is injected): CUDA graphs by default on CUDA and eager on CPU,
-an explicit choice wins, every bad value is one line, the provenance records what was resolved."""
+"""vLLM engine settings, the free-memory check and teardown, without vLLM or a GPU (`cuda`, memory probes, clocks and
+the LLM object are injected): CUDA graphs by default on CUDA and eager on CPU, an explicit choice wins, every bad
+value is one line, the provenance records what was resolved; an engine that cannot get its share of the GPU fails
+with one line before it starts; shutdown stops the engine, drops it, and waits (bounded) for the memory."""
 
 import pytest
 
 from alloc_moe import AllocMoeError
 from alloc_moe.cli import main
 from alloc_moe.vllm_backend import engine
+
+GIB = 1 << 30
 
 
 @pytest.fixture
@@ -70,6 +74,98 @@ def test_record_keeps_its_keys_and_adds_the_resolved_settings(vllm_build):
     cpu = engine.engine_record(engine.engine_kwargs(dtype="float32", seed=0, cuda=False, mode="eager"), mode="eager")
     assert (cpu["mode"], cpu["enforce_eager"], cpu["gpu_memory_utilization"], cpu["moe_backend"]) == (
         "eager", True, None, None)
+
+
+# ---- free memory before an engine starts ------------------------------------------------------------------------
+
+def test_free_memory_check_passes_and_returns_the_level(vllm_build):
+    kw = {"gpu_memory_utilization": 0.85}
+    assert engine.check_free_memory(kw, cuda=True, probe=lambda: (70 * GIB, 80 * GIB)) == 70 * GIB
+    assert engine.check_free_memory(kw, cuda=False, probe=lambda: pytest.fail("probed off CUDA")) is None
+
+
+def test_short_free_memory_is_one_line_naming_cause_and_key():
+    kw = {"gpu_memory_utilization": 0.85}
+    with pytest.raises(AllocMoeError) as e:
+        engine.check_free_memory(kw, cuda=True, probe=lambda: (30 * GIB, 80 * GIB))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("the GPU has 30.0 GiB of 80.0 GiB free, but the vLLM engine needs gpu_memory_utilization "
+                          "0.85 x 80.0 GiB = 68.0 GiB: another process is probably using the GPU")
+    assert "vllm.gpu_memory_utilization" in msg and "--gpu-memory-utilization" in msg and "gpu=1" in msg
+
+
+class _Clock:
+    def __init__(self):
+        self.t, self.sleeps = 0.0, 0
+
+    def now(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+        self.sleeps += 1
+
+
+def test_wait_returns_when_the_memory_is_back():
+    seen = iter([10 * GIB, 40 * GIB, 69.8 * GIB])  # the engine process exits; the last 0.2 GiB is within the slack
+    clock = _Clock()
+    assert engine.wait_for_free_memory(70 * GIB, probe=lambda: (int(next(seen)), 80 * GIB), clock=clock.now,
+                                       sleep=clock.sleep, poll_s=0.5)
+    assert clock.sleeps == 2
+
+
+def test_wait_is_bounded(capsys):
+    clock = _Clock()
+    assert not engine.wait_for_free_memory(70 * GIB, probe=lambda: (10 * GIB, 80 * GIB), timeout_s=5, poll_s=0.5,
+                                           clock=clock.now, sleep=clock.sleep)
+    assert clock.sleeps == 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "10.0 GiB of 80.0 GiB GPU memory free 5 s after the vLLM engine stopped" in err
+
+
+# ---- teardown ---------------------------------------------------------------------------------------------------
+
+class _Core:
+    def __init__(self):
+        self.calls = 0
+
+    def shutdown(self):
+        self.calls += 1
+
+
+class _LLM:
+    def __init__(self):
+        self.llm_engine = type("Engine", (), {})()
+        self.llm_engine.engine_core = self.core = _Core()
+
+
+def test_shutdown_stops_the_engine_and_drops_it(monkeypatch):
+    collected = []
+    monkeypatch.setattr(engine, "_collect", collected.append)
+    llm = _LLM()
+    engine.shutdown(llm, wait_for=70 * GIB, cuda=False, probe=lambda: pytest.fail("waited off CUDA"))
+    assert llm.core.calls == 1 and llm.llm_engine is None and collected == [False]
+    engine.shutdown(llm, cuda=False)  # twice (a finally after an error): harmless
+    assert llm.core.calls == 1
+
+
+def test_shutdown_on_cuda_waits_for_the_memory(monkeypatch):
+    monkeypatch.setattr(engine, "_collect", lambda cuda: None)
+    seen = iter([5 * GIB, 75 * GIB])
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return next(seen), 80 * GIB
+
+    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+    engine.shutdown(_LLM(), wait_for=70 * GIB, cuda=True, probe=probe)
+    assert len(calls) == 2
+
+
+def test_collect_without_vllm_and_gpu_is_gc_only():
+    engine._collect(False)  # no vLLM in this venv, no CUDA: gc.collect() alone, no error
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

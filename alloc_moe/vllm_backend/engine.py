@@ -13,14 +13,21 @@ run vLLM's PyTorch RoPE, because the CPU rotary op mis-rotates MLA's 3-D query/k
 Device defaults (`engine_kwargs`, settings in `alloc_moe.vllm_options`): on CUDA (the `vllm` build with a visible
 GPU) vLLM's CUDA graphs, `gpu_memory_utilization` 0.85 and the Triton MoE experts; on the CPU build eager mode
 (compiling costs about a minute per engine on 2 cores). An explicit choice wins.
+
+One GPU, engines one after another: before an engine starts on CUDA, `check_free_memory` stops with one line if the
+GPU lacks the memory the engine will ask for (instead of vLLM's traceback), and `shutdown` tears an engine down
+completely and waits, bounded, until its memory is free again.
 """
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .. import vllm_options
@@ -40,6 +47,9 @@ ENGINE_ARGS = ("moe_backend", "gpu_memory_utilization", "distributed_executor_ba
                "max_logprobs", "enable_prefix_caching")
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+GIB = 1 << 30
+MEMORY_WAIT_S = 120.0  # after a shutdown on CUDA, wait at most this long for the engine's memory to be free again
+MEMORY_SLACK = 512 << 20  # bytes of free memory short of the level before the engine that count as "back"
 
 
 def vllm_distribution() -> tuple[str, str]:
@@ -211,9 +221,88 @@ def plan_env(plan: Plan | None, extra_env: dict | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def shutdown(llm) -> None:
-    """Stop an `LLM`'s engine processes now (not at garbage collection)."""
+def cuda_memory() -> tuple[int, int]:
+    """(free, total) bytes of the current CUDA device, as the driver sees them (all processes)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+def memory_message(free: int, total: int, utilization: float) -> str:
+    """The one line for an engine that cannot get its share of the GPU."""
+    need = utilization * total
+    return (f"the GPU has {free / GIB:.1f} GiB of {total / GIB:.1f} GiB free, but the vLLM engine needs "
+            f"gpu_memory_utilization {utilization:g} x {total / GIB:.1f} GiB = {need / GIB:.1f} GiB: another process "
+            "is probably using the GPU (see nvidia-smi; in the workflow every GPU job declares gpu=1, run it with "
+            "--resources gpu=1), or lower vllm.gpu_memory_utilization in the config (--gpu-memory-utilization)")
+
+
+def check_free_memory(kwargs: dict, *, cuda: bool | None = None, probe=None) -> int | None:
+    """Before an engine starts on CUDA: fail with one line (`memory_message`) unless the free memory covers
+    `gpu_memory_utilization` x total, the check vLLM makes at start-up. Returns the free bytes (the level `shutdown`
+    waits for afterwards), None off CUDA. `probe` () -> (free, total) replaces `cuda_memory` (tests)."""
+    cuda = on_cuda() if cuda is None else cuda
+    if not cuda:
+        return None
+    utilization = kwargs.get("gpu_memory_utilization", CUDA_DEFAULTS["gpu_memory_utilization"])
+    free, total = (probe or cuda_memory)()
+    if free < utilization * total:
+        raise AllocMoeError(memory_message(free, total, utilization))
+    return free
+
+
+def wait_for_free_memory(level: int, *, probe=None, timeout_s: float = MEMORY_WAIT_S, poll_s: float = 0.5,
+                         clock=time.monotonic, sleep=time.sleep) -> bool:
+    """Poll until the free GPU memory is back to `level` (less `MEMORY_SLACK`), at most `timeout_s`; False (and a
+    warning on stderr) if it is not: the next engine's `check_free_memory` then says what is missing."""
+    probe = probe or cuda_memory
+    deadline = clock() + timeout_s
+    while True:
+        free, total = probe()
+        if free >= level - MEMORY_SLACK:
+            return True
+        if clock() >= deadline:
+            print(f"alloc-moe: warning: {free / GIB:.1f} GiB of {total / GIB:.1f} GiB GPU memory free {timeout_s:g} s "
+                  f"after the vLLM engine stopped, {level / GIB:.1f} GiB before it started", file=sys.stderr)
+            return False
+        sleep(poll_s)
+
+
+def _release_engine(llm) -> None:
+    """Stop the engine's processes now (not at garbage collection) and drop the `LLM`'s reference to the engine."""
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+    if engine is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            llm.llm_engine = None
+
+
+def _collect(cuda: bool) -> None:
+    """vLLM's own clean-up of an in-process engine (model-parallel groups, distributed environment, garbage, caches),
+    where the installed vLLM has it; then garbage collection and, on CUDA, the caching allocator's free blocks."""
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    except ImportError:
+        cleanup_dist_env_and_memory = None
+    if cleanup_dist_env_and_memory is not None:
+        cleanup_dist_env_and_memory()
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def shutdown(llm, *, wait_for: int | None = None, cuda: bool | None = None, probe=None,
+             timeout_s: float = MEMORY_WAIT_S) -> None:
+    """Tear an `LLM` down completely before the next engine starts: stop its engine processes, drop the references
+    to the engine, clean up (`_collect`) and, on CUDA with `wait_for` (the free bytes `check_free_memory` saw before
+    it started), wait at most `timeout_s` until that memory is free again. `cuda` None = `on_cuda()`."""
+    _release_engine(llm)
+    cuda = on_cuda() if cuda is None else cuda
+    _collect(cuda)
+    if cuda and wait_for is not None:
+        wait_for_free_memory(wait_for, probe=probe, timeout_s=timeout_s)

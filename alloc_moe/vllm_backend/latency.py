@@ -1,6 +1,8 @@
 """Latency through a vLLM engine with a plan (`latency.LATENCY_BACKENDS["vllm"]`).
 
-One engine per plan (plans are applied at model load, before compilation). Each run sends the same `batch` prompts of `prompt` random token ids twice, prefix caching off: once with 1 output
+One engine per plan (plans are applied at model load, before compilation), each checked against the GPU's free
+memory before it starts and torn down completely before the next (`engine.check_free_memory`, `engine.shutdown`).
+Each run sends the same `batch` prompts of `prompt` random token ids twice, prefix caching off: once with 1 output
 token (prefill = time to the first token of the whole batch) and once with `decode` tokens (ignore_eos); decode ms per
 generated token = (full - prefill) / (decode - 1). `warmup` runs are discarded. Engine settings: `backend_args`
 (`mode`, `gpu_memory_utilization`, `moe_backend` of `alloc_moe.vllm_options`, or other `engine.ENGINE_ARGS`);
@@ -51,6 +53,7 @@ def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, pro
     rows = []
     for label, plan in plans:
         with engine.plan_env(plan):
+            free = engine.check_free_memory(kwargs)
             llm = LLM(model=model, enable_prefix_caching=False, **kwargs)
             try:
                 for i in range(warmup + runs):
@@ -61,7 +64,8 @@ def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, pro
                         rows.append({"plan": label, "phase": "decode", "run": i - warmup,
                                      "ms": (tot - pre) / (decode - 1)})
             finally:
-                engine.shutdown(llm)
+                engine.shutdown(llm, wait_for=free)
+                del llm
     return rows
 
 

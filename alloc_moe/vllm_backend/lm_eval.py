@@ -2,8 +2,9 @@
 
 `make_lm` checks the plan against the checkpoint before any engine starts, hands the plan to the engine processes
 (`engine.plan_env`), fixes the scheduler settings that decide batch composition (`engine.SCHEDULER`; override them
-through `backend_args`, with `mode`, `gpu_memory_utilization`, `moe_backend` of `alloc_moe.vllm_options`), and on
-exit shuts the engine down and restores the environment.
+through `backend_args`, with `mode`, `gpu_memory_utilization`, `moe_backend` of `alloc_moe.vllm_options`), checks
+the GPU's free memory before the engine starts (`engine.check_free_memory`), and on exit tears the engine down
+completely (`engine.shutdown`: the next plan's engine finds the GPU free) and restores the environment.
 `lm.alloc_moe_record` holds the provenance to store with the scores (vLLM version, scheduler, Alloc-T scope, compile
 mode, memory share, MoE backend).
 
@@ -57,9 +58,11 @@ def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, devic
     record = engine.engine_record(kwargs, mode=mode) | {"device": device, "dtype": kwargs["dtype"]}  # dtype as resolved
     with engine.plan_env(plan):
         VLLM = lm_eval_vllm_module().VLLM
+        free = engine.check_free_memory(kwargs)
         lm = VLLM(pretrained=model, batch_size=batch_size, **kwargs)
         lm.alloc_moe_record = record
         try:
             yield lm
         finally:
-            engine.shutdown(lm.model)
+            llm, lm.model = lm.model, None  # the wrapper outlives the block in the caller's frame: drop the engine
+            engine.shutdown(llm, wait_for=free)
