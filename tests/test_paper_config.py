@@ -190,7 +190,7 @@ def test_embedded_default_requests_no_gpu(tmp_path):
 
 def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
     """The `vllm:` config key (smoke.yaml: graphs, 0.85 of the GPU memory, Triton MoE) reaches every vLLM eval and
-    latency job as CLI options, a model's own `vllm:` over it key by key."""
+    latency job as CLI options, a model's own `vllm:` over it key by key; accuracy jobs checkpoint per plan."""
     (tmp_path / "over.yaml").write_text("vllm: {mode: eager}\n"
                                         "models: {olmoe-1b-7b-0924: {vllm: {gpu_memory_utilization: 0.5}}}\n")
     res = _snakemake(tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "over.yaml"], "-n", "--printshellcmds")
@@ -200,6 +200,7 @@ def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
     for cmd in cmds:
         share = "0.5" if "--model allenai/OLMoE-1B-7B-0924" in cmd else "0.85"
         assert f" --vllm-mode eager --gpu-memory-utilization {share} --moe-backend triton " in cmd, cmd
+        assert (" --resume-dir results/" in cmd) == cmd.startswith("alloc-moe eval"), cmd
 
 
 BAD = {
