@@ -57,6 +57,14 @@ def test_bad_settings_are_one_line(args, msg):
         assert str(e.value).startswith(msg) and "\n" not in str(e.value)
 
 
+def test_sequence_scope_is_refused_with_cuda_graphs(monkeypatch):
+    monkeypatch.setenv("ALLOC_MOE_ALLOC_T_SCOPE", "sequence")
+    with pytest.raises(AllocMoeError, match=r"^ALLOC_MOE_ALLOC_T_SCOPE=sequence cannot run in CUDA graphs .* eager"):
+        engine.engine_kwargs(dtype="float32", seed=0, cuda=True)
+    assert engine.engine_kwargs(dtype="float32", seed=0, cuda=True, mode="eager")["enforce_eager"] is True
+    assert engine.engine_kwargs(dtype="float32", seed=0, cuda=False, mode="graphs")["enforce_eager"] is False  # CPU
+
+
 def test_moe_backend_is_checked_against_the_installed_vllm(monkeypatch):
     monkeypatch.setattr(engine, "installed_moe_backends", lambda: ("auto", "triton", "marlin"))
     assert engine.engine_kwargs(dtype="float32", seed=0, cuda=True, moe_backend="marlin")["moe_backend"] == "marlin"

@@ -169,7 +169,17 @@ def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, mode: str 
     overrides = _resolved_overrides(overrides, cuda)
     dtype = resolve_dtype(dtype, model)
     model_args = model_engine_args(model) if model is not None else {}
-    return {**SCHEDULER, **defaults, "dtype": dtype, "seed": seed, **model_args, **overrides}
+    kwargs = {**SCHEDULER, **defaults, "dtype": dtype, "seed": seed, **model_args, **overrides}
+    _check_graphs_scope(kwargs, cuda)
+    return kwargs
+
+
+def _check_graphs_scope(kwargs: dict, cuda: bool) -> None:
+    """The `sequence` Alloc-T scope reads the step's query_start_loc on the host (a sync CUDA-graph capture cannot
+    take, and per-step bounds a replayed graph would freeze): refuse it with CUDA graphs."""
+    if cuda and not kwargs["enforce_eager"] and os.environ.get(SCOPE_ENV, "step") == "sequence":
+        raise AllocMoeError(f"{SCOPE_ENV}=sequence cannot run in CUDA graphs (it reads each step's request bounds on "
+                            "the host); use vllm mode eager (--vllm-mode eager, config vllm.mode) or the step scope")
 
 
 def engine_record(kwargs: dict, *, mode: str = "auto") -> dict:
