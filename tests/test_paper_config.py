@@ -8,6 +8,7 @@ embedded default config/config.yaml."""
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,10 +85,17 @@ def _expected(cfg: dict) -> tuple[dict[str, int], set[str]]:
 
 
 @pytest.fixture(scope="module")
-def paper(tmp_path_factory):
-    res = _snakemake(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"])
+def paper_log(tmp_path_factory):
+    """The dry run of config/paper.yaml as the README runs it on one GPU (`--resources gpu=1`), with shell commands."""
+    res = _snakemake(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"], "-n", "--resources", "gpu=1",
+                     "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return _jobs(res.stdout + res.stderr)
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def paper(paper_log):
+    return _jobs(paper_log)
 
 
 @pytest.mark.parametrize("name", ["paper", "smoke"])
@@ -120,6 +128,81 @@ def test_paper_plan_count_is_the_papers_design(paper):
     assert "results/olmoe-1b-7b-0924-s0/plans/uniform__alloc-t__kb7__none__B112.json" in outputs["plan"]
 
 
+def _job_listing(log: str) -> list[dict]:
+    """Every job of a dry run's listing (with --printshellcmds): rule, resources {name: value}, shell command."""
+    jobs = []
+    for line in log.splitlines():
+        if m := re.match(r"^(?:local)?rule (\S+):$", line):
+            jobs.append({"rule": m.group(1), "resources": None, "shell": None})
+        elif jobs and (m := re.match(r"^\s+resources: (.*)$", line)):
+            jobs[-1]["resources"] = dict(kv.split("=", 1) for kv in m.group(1).split(", "))
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
+    return jobs
+
+
+# alloc-moe subcommands that never load model weights (`plan --model` is a label recorded in the plan)
+NO_WEIGHTS = {"plan", "make-corpus", "make-tasks", "download", "make-model", "train"}
+
+
+def _loads_model_on_gpu(shell: str | None) -> bool:
+    """Whether a job's command can put a model on the GPU, read from the command alone (not from the rule): an
+    `alloc-moe` subcommand that loads weights with --device cuda*, or with a real checkpoint (not one the workflow
+    builds under results/) unless it runs on CPU through transformers (--device cpu, backend hf); vLLM picks the GPU
+    itself. A `script:` rule has no shell command: none loads a model today."""
+    if not shell:
+        return False
+    argv = shlex.split(shell.split(" > ")[0])
+    if argv[0] != "alloc-moe" or argv[1] in NO_WEIGHTS:
+        return False
+    opts = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+    device, model = opts.get("--device", "auto"), opts.get("--model")
+    if device.startswith("cuda"):
+        return True
+    real = model is not None and not model.startswith("results/")
+    return real and not (device == "cpu" and opts.get("--backend", "hf") == "hf")
+
+
+def test_every_job_that_loads_a_model_on_the_gpu_requests_it(paper_log):
+    """Under `--resources gpu=1` two jobs that each request gpu=1 never overlap: so every job that can load a model
+    on the GPU must request it (else it runs beside a vLLM engine that wants 85% of the memory); jobs that cannot
+    request none, so they run side by side."""
+    jobs = _job_listing(paper_log)
+    assert len(jobs) == sum(_jobs(paper_log)[0].values()) and all(j["resources"] is not None for j in jobs)
+    wrong = [(j["rule"], j["resources"].get("gpu"), (j["shell"] or "")[:120]) for j in jobs
+             if j["resources"].get("gpu", "0") != ("1" if _loads_model_on_gpu(j["shell"]) else "0")]
+    assert not wrong, wrong
+    on_gpu = Counter(re.sub(r"^accuracy_.*", "accuracy", j["rule"]) for j in jobs if j["resources"].get("gpu") == "1")
+    # 3 models: profiles (3 calibration sets + LExI), routing scores (wikitext2), load balance, latency, 5 accuracy
+    assert on_gpu == {"profile_ppl": 9, "profile_lexi": 3, "routing_scores": 3, "load_balance": 3, "latency": 3,
+                      "accuracy": 15}
+
+
+def test_embedded_default_requests_no_gpu(tmp_path):
+    """The embedded default (CPU) requests no GPU anywhere: `--cores 2` runs its jobs side by side."""
+    res = _snakemake(tmp_path, [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    jobs = _job_listing(res.stdout + res.stderr)
+    assert jobs and all(j["resources"] is not None and j["resources"].get("gpu", "0") == "0" for j in jobs)
+    assert not any(_loads_model_on_gpu(j["shell"]) for j in jobs)
+    assert any(j["rule"] == "profile_lexi" for j in jobs)
+
+
+def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
+    """The `vllm:` config key (smoke.yaml: graphs, 0.85 of the GPU memory, Triton MoE) reaches every vLLM eval and
+    latency job as CLI options, a model's own `vllm:` over it key by key; accuracy jobs checkpoint per plan."""
+    (tmp_path / "over.yaml").write_text("vllm: {mode: eager}\n"
+                                        "models: {olmoe-1b-7b-0924: {vllm: {gpu_memory_utilization: 0.5}}}\n")
+    res = _snakemake(tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "over.yaml"], "-n", "--printshellcmds")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cmds = [j["shell"] for j in _job_listing(res.stdout) if j["rule"] == "latency" or j["rule"].startswith("accuracy_")]
+    assert len(cmds) == 3 * 2 + 3
+    for cmd in cmds:
+        share = "0.5" if "--model allenai/OLMoE-1B-7B-0924" in cmd else "0.85"
+        assert f" --vllm-mode eager --gpu-memory-utilization {share} --moe-backend triton " in cmd, cmd
+        assert (" --resume-dir results/" in cmd) == cmd.startswith("alloc-moe eval"), cmd
+
+
 BAD = {
     "unknown key": ("models: {deepseek-v2-lite: {budget: [52]}}",
                     "models.deepseek-v2-lite: unknown key 'budget' (allowed: path, hub_config, train, make, seeds, "),
@@ -136,6 +219,10 @@ BAD = {
                                 "calibration: 'wikitext103' is not a file; allowed: a synthetic set "),
     "missing local copy": ("download: {local: {c4_validation: /nowhere/c4.json.gz}}",
                            "download.local.c4_validation: local copy '/nowhere/c4.json.gz' not found"),
+    "gpu memory share > 1": ("vllm: {gpu_memory_utilization: 1.5}",
+                             "vllm.gpu_memory_utilization: 1.5 is greater than the maximum of 1"),
+    "unknown vllm mode": ("models: {olmoe-1b-7b-0924: {vllm: {mode: fast}}}",
+                          "models.olmoe-1b-7b-0924.vllm.mode: 'fast' is not one of ['auto', 'graphs', 'eager']"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),
 }

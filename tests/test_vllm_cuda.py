@@ -48,8 +48,9 @@ def setup(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    llm = LLM(model=model_dir, distributed_executor_backend="uni", gpu_memory_utilization=0.3,
-              **engine.engine_kwargs(dtype="float32", seed=0, moe_backend="triton"))
+    llm = LLM(model=model_dir, distributed_executor_backend="uni",  # eager: plans are set after load here
+              **engine.engine_kwargs(dtype="float32", seed=0, mode="eager", gpu_memory_utilization=0.3,
+                                     moe_backend="triton"))
     hf = hf_model(model_dir).cuda()
     yield model_dir, hf, llm
     engine.shutdown(llm)
@@ -97,8 +98,8 @@ def test_cuda_graphs_match_eager(tmp_path, monkeypatch):
     hf = hf_model(model_dir).cuda()
     plan = _plan(model_dir, "alloc-t")
     with engine.plan_env(plan):
-        llm = LLM(model=model_dir, gpu_memory_utilization=0.3,
-                  **engine.engine_kwargs(dtype="float32", seed=0, enforce_eager=False, moe_backend="triton"))
+        llm = LLM(model=model_dir, **engine.engine_kwargs(dtype="float32", seed=0, mode="graphs",
+                                                          gpu_memory_utilization=0.3, moe_backend="triton"))
         try:
             got = vllm_one_by_one(llm, prompts())
         finally:

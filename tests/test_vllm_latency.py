@@ -12,17 +12,57 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_measure_rows(tmp_path):
+    """Two engines one after the other in one process (the original, then a plan): each is torn down completely
+    before the next starts (no engine process left behind); the record says eager, as resolved on the CPU build."""
     model_dir = write_zoo(tmp_path / "model", "olmoe")
     plan = plan_for(model_dir, "alloc-t", [2.5, 1.5, 3.25])
-    rows = measure(model_dir, [("alloc-t", plan)], batch=2, prompt=8, decode=16, warmup=1, runs=2, dtype="float32",
-                   seed=0)
+    before = _children()
+    rows = measure(model_dir, [("original", None), ("alloc-t", plan)], batch=2, prompt=8, decode=16, warmup=1, runs=2,
+                   dtype="float32", seed=0, mode="auto", gpu_memory_utilization=0.5, moe_backend="auto")
+    left = _children() - before
+    assert not left, left
     assert [(r["plan"], r["phase"], r["run"]) for r in rows] == [
-        ("alloc-t", phase, run) for run in range(2) for phase in ("prefill", "decode")]
+        (label, phase, run) for label in ("original", "alloc-t") for run in range(2) for phase in ("prefill", "decode")]
     # decode is a difference of two timings: positive on a quiet machine, but no timing thresholds in tests
     assert all(r["ms"] > 0 for r in rows if r["phase"] == "prefill")
     assert all(isinstance(r["ms"], float) for r in rows)
     rec = record()
     assert rec["vllm_version"] and rec["scheduler"]["enable_chunked_prefill"] is False
+    rec = record(model_dir, batch=2, mode="auto", gpu_memory_utilization=0.5, moe_backend="auto")
+    assert rec["scheduler"]["max_num_seqs"] == 2  # as measured: every prompt of a run shares the engine's steps
+    assert (rec["mode"], rec["enforce_eager"], rec["gpu_memory_utilization"], rec["moe_backend"]) == (
+        "auto", True, None, None)  # CPU build: eager, its own memory sizing and MoE kernels
+
+
+def _children() -> set:
+    """Live child processes (pid, command line) of this one, but multiprocessing's resource tracker (it lives as long
+    as the parent)."""
+    import psutil
+
+    out = set()
+    for c in psutil.Process().children(recursive=True):
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline()):
+                out.add((c.pid, " ".join(c.cmdline())[:80]))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_shutdown_stops_the_engine_while_the_llm_is_still_referenced(tmp_path):
+    """`engine.shutdown` stops the engine processes itself (not garbage collection: the caller still holds the LLM)
+    and drops the LLM's engine."""
+    from vllm import LLM
+
+    from alloc_moe.vllm_backend import engine
+
+    model_dir = write_zoo(tmp_path / "model", "olmoe")
+    before = _children()
+    with engine.plan_env(None):  # the CPU build's KV cache size
+        llm = LLM(model=model_dir, **engine.engine_kwargs(dtype="float32", seed=0, model=model_dir))
+        assert _children() - before  # the engine core runs in its own process
+        engine.shutdown(llm)
+    assert not _children() - before and llm.llm_engine is None
 
 
 def test_measure_refuses_bad_input_before_starting(tmp_path):

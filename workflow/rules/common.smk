@@ -141,6 +141,30 @@ def model_input(wildcards):
     return [] if "path" in spec_of(wildcards.run) else f"results/{wildcards.run}/model"
 
 
+# --- one GPU: every job that loads a real checkpoint declares gpu=1 (run with --resources gpu=1 to serialise them) ---
+
+def on_gpu(run):
+    """A real checkpoint (path:) is loaded with --device auto, i.e. on the GPU where there is one; the embedded and
+    zoo models (train:, make:) run on CPU, gpu=0, so `--cores N` runs their jobs side by side."""
+    return "path" in spec_of(run)
+
+
+def gpu_of_run(wildcards):
+    """`resources: gpu=` of a rule that loads the run's model (profile, routing scores, load balance)."""
+    return 1 if on_gpu(wildcards.run) else 0
+
+
+# --- vLLM engine settings (the `vllm:` config key, a model's own `vllm:` over it) ---
+VLLM_DEFAULTS = {"mode": "auto", "gpu_memory_utilization": 0.85, "moe_backend": "auto"}
+
+
+def vllm_args(run):
+    """`alloc-moe eval/latency` options of a run's vLLM engines."""
+    s = {**VLLM_DEFAULTS, **config.get("vllm", {}), **spec_of(run).get("vllm", {})}
+    return (f"--vllm-mode {s['mode']} --gpu-memory-utilization {s['gpu_memory_utilization']:g} "
+            f"--moe-backend {s['moe_backend']}")
+
+
 def calib_file(name):
     """The text file of a calibration set: synthetic sets and hub sources are written by rules, else a local file."""
     if name in SYNTHETIC_SETS:
@@ -228,6 +252,21 @@ def _plan_inputs(wc):
 # --- latency (rules/latency.smk): the top-level `latency:` config key ---
 LAT = config.get("latency", {})
 LAT_DEVICE = str(LAT.get("device", "cpu"))
+
+
+def latency_backend(run):
+    return LAT.get("backend", spec_of(run).get("backend", "hf"))
+
+
+def latency_gpu(wildcards):
+    """gpu=1 where the latency job can touch the GPU: --device cuda*, or a real checkpoint unless it is measured on
+    CPU with the hf backend (vLLM picks its platform itself: the CUDA build takes the GPU whatever --device says)."""
+    if LAT_DEVICE.startswith("cuda"):
+        return 1
+    cpu_only = LAT_DEVICE == "cpu" and latency_backend(wildcards.run) == "hf"
+    return 1 if on_gpu(wildcards.run) and not cpu_only else 0
+
+
 LAT_METHODS = LAT.get("methods", [{"layer": "uniform", "token": "topk"}, {"layer": "lexi", "token": "topk"},
                                   {"layer": "alloc-l", "token": "alloc-t"}])
 

@@ -10,7 +10,8 @@ rule latency:
         summary="results/{run}/latency/latency.json",
     params:
         model=model_dir,
-        backend=lambda wc: LAT.get("backend", spec_of(wc.run).get("backend", "hf")),
+        backend=lambda wc: latency_backend(wc.run),
+        vllm=lambda wc: vllm_args(wc.run) if latency_backend(wc.run) == "vllm" else "",
         protocol=" ".join(f"--{k} {LAT.get(k, d)}" for k, d in
                           [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
         device=LAT_DEVICE,
@@ -18,14 +19,14 @@ rule latency:
         code=code("alloc_moe.latency"),
     threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
-        gpu=1 if LAT_DEVICE.startswith("cuda") else 0,
+        gpu=latency_gpu,
     log:
         "results/{run}/logs/latency.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe latency --model {params.model} --plans original {input.plans} --backend {params.backend} "
-        "{params.protocol} --device {params.device} --dtype {params.dtype} --threads {threads} "
+        "{params.protocol} --device {params.device} --dtype {params.dtype} {params.vllm} --threads {threads} "
         "--out {output.table} --summary {output.summary} > {log} 2>&1"
 
 

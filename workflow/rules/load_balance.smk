@@ -18,6 +18,8 @@ rule load_balance:
         batch_size=LB.get("batch_size", 16),
         code=code("alloc_moe.load_balance"),
     threads: 1
+    resources:
+        gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
     log:
         "results/{run}/logs/load_balance.log",
     conda:

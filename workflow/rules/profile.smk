@@ -12,6 +12,8 @@ rule profile_ppl:
         batch_size=PROFILE.get("batch_size", 16),
         code=code("alloc_moe.profiling"),
     threads: 1
+    resources:
+        gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
     log:
         "results/{run}/logs/profile_ppl_{calib}.log",
     conda:
@@ -31,6 +33,8 @@ rule profile_lexi:
         model=model_dir,
         code=code("alloc_moe.profiling"),
     threads: 1
+    resources:
+        gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
     log:
         "results/{run}/logs/profile_lexi.log",
     conda:
@@ -54,6 +58,8 @@ rule routing_scores:
         batch_size=PROFILE.get("batch_size", 16),
         code=code("alloc_moe.evaluate"),
     threads: 1
+    resources:
+        gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
     log:
         "results/{run}/logs/routing_{calib}.log",
     conda:
