@@ -183,13 +183,20 @@ def _check_graphs_scope(kwargs: dict, cuda: bool) -> None:
 
 
 def engine_record(kwargs: dict, *, mode: str = "auto") -> dict:
-    """Provenance of a vLLM result: distribution and version, scheduler settings, Alloc-T scope, compile mode (the
+    """Provenance of a vLLM result: distribution and version (and whether alloc-moe tested it, `compat`), scheduler
+    settings, Alloc-T scope, compile mode (the
     `mode` asked for and the resolved `enforce_eager`), `gpu_memory_utilization` and `moe_backend` as passed to vLLM
     (None: not passed, vLLM's own default; the CPU build takes neither), and the custom ops turned off for the model
     (`model_engine_args`)."""
+    from .compat import check_supported
+
     name, version = vllm_distribution()
+    try:
+        tested = check_supported()["tested"]  # a plan's engine has already passed this check in plan_env
+    except AllocMoeError:
+        tested = "unsupported"  # only reachable without a plan (the plugin then leaves vLLM untouched)
     return {
-        "vllm_distribution": name, "vllm_version": version,
+        "vllm_distribution": name, "vllm_version": version, "vllm_tested": tested,
         "scheduler": {k: kwargs.get(k, SCHEDULER.get(k)) for k in SCHEDULER},
         "enforce_eager": kwargs.get("enforce_eager", True),
         "alloc_t_scope": os.environ.get(SCOPE_ENV, "step"),
