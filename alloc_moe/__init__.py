@@ -14,12 +14,12 @@ except PackageNotFoundError:  # running from a source tree without installing
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "budget_range": "budget", "check_budget": "budget", "calibrate_threshold": "calibration",
-    "AllocMoeError": "errors", "LAYER_METHODS": "layer_alloc", "alloc_l": "layer_alloc", "ascending": "layer_alloc",
-    "descending": "layer_alloc", "lexi": "layer_alloc", "normalize_sensitivity": "layer_alloc",
-    "uniform": "layer_alloc", "Plan": "plan", "build_plan": "plan", "TOKEN_METHODS": "token_alloc",
-    "alloc_t": "token_alloc", "mask_to_slots": "token_alloc", "naee_mask": "token_alloc",
-    "top_p_mask": "token_alloc", "topk_mask": "token_alloc",
+    "budget_range": "core.budget", "check_budget": "core.budget", "calibrate_threshold": "core.calibration",
+    "AllocMoeError": "errors", "LAYER_METHODS": "core.layer_alloc", "alloc_l": "core.layer_alloc", "ascending": "core.layer_alloc",
+    "descending": "core.layer_alloc", "lexi": "core.layer_alloc", "normalize_sensitivity": "core.layer_alloc",
+    "uniform": "core.layer_alloc", "Plan": "core.plan", "build_plan": "core.plan", "TOKEN_METHODS": "core.token_alloc",
+    "alloc_t": "core.token_alloc", "mask_to_slots": "core.token_alloc", "naee_mask": "core.token_alloc",
+    "top_p_mask": "core.token_alloc", "topk_mask": "core.token_alloc",
 }
 
 __all__ = sorted([*_PUBLIC, "apply"])
@@ -38,7 +38,7 @@ def __dir__():
 
 
 def apply(model, plan, **kwargs):
-    """Apply a plan to a Hugging Face MoE model; see `alloc_moe.hf_backend.apply`."""
-    from .hf_backend import apply as _apply
+    """Apply a plan to a Hugging Face MoE model; see `alloc_moe.backends.hf.apply.apply`."""
+    from .backends.hf.apply import apply as _apply
 
     return _apply(model, plan, **kwargs)

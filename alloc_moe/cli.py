@@ -1,5 +1,5 @@
 """`alloc-moe` command line: the parser and error handling. Each subcommand lives next to its implementation in a
-module that exposes `register_cli(subparsers)` (listed in `_command_modules`)."""
+module that exposes `register_cli(subparsers)` (listed in `COMMAND_MODULES`)."""
 
 import argparse
 import sys
@@ -25,19 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The modules that define subcommands (`register_cli(subparsers)`), imported when the parser is built. Adding a
+# subcommand is one entry here. A module that fails to import is an error, never a silently missing command.
+COMMAND_MODULES = ("stages.plan", "data.zoo", "data.synthetic", "data.train", "data.tasks.embedded", "stages.profile",
+                   "stages.ppl", "stages.routing_scores", "stages.accuracy", "stages.latency", "stages.load_balance",
+                   "harness.regress", "data.download", "data.stage")
+
+
 def _command_modules():
-    """Subcommands that live next to their implementation (imported lazily: they pull in transformers)."""
+    """Subcommands that live next to their implementation (imported here, lazily: they pull in transformers)."""
     import importlib
 
-    for name in ("plan_cli", "zoo", "synthetic", "train", "tasks.embedded", "profiling", "evaluate", "accuracy",
-                 "latency", "load_balance", "regress", "download", "stage"):
-        try:
-            mod = importlib.import_module(f"alloc_moe.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"alloc_moe.{name}":
-                raise
-            continue
-        yield mod.register_cli
+    for name in COMMAND_MODULES:
+        yield importlib.import_module(f"alloc_moe.{name}").register_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from alloc_moe.profiling import profile_perplexity
-from alloc_moe.zoo import make_model
+from alloc_moe.data.zoo import make_model
+from alloc_moe.stages.profile import profile_perplexity
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
-    import alloc_moe.vllm_backend.experts  # noqa: F401  registers torch.ops.alloc_moe.cpu_kept_pairs_moe
+    import alloc_moe.backends.vllm.experts  # noqa: F401  registers torch.ops.alloc_moe.cpu_kept_pairs_moe
 
     g = torch.Generator().manual_seed(0)
     T, E, K, H, inter = args.tokens, args.experts, args.k, args.hidden, args.inter

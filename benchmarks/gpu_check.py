@@ -12,7 +12,7 @@ deadline stops gracefully, and a watchdog writes what there is and exits if a se
   (b) counted pairs: half-budget plans (top-k K_orig/2, alloc-t K_orig/2, alloc-t fractional) compute exactly
   T*K_l (top-k) / floor(T*k_l) (alloc-t) rows per layer, counted where they reach the expert GEMMs
   (`ExpertRowCounter`) and by `RoutingStats`, on a prefill and on a decode step;
-  (c) latency: `alloc_moe.latency.measure_hf` (CUDA events) with batch 8, prompt 32, decode 32, warm-up 2, runs 5,
+  (c) latency: `alloc_moe.stages.latency.measure_hf` (CUDA events) with batch 8, prompt 32, decode 32, warm-up 2, runs 5,
   interleaved: original, Uniform top-k and Uniform + Alloc-T (k_base 1) at half budget; speedups next to
   `ideal_speedup` on the measured expert share.
 - `alloc-t-graphs`: `alloc_t` [T, E] and `alloc_t_slots` [T, K] (with a padding mask) under
@@ -139,7 +139,7 @@ def _version(name: str) -> str | None:
 
 
 def _git_commit() -> tuple[str | None, str]:
-    from alloc_moe.provenance import git_commit
+    from alloc_moe.harness.provenance import git_commit
 
     c = git_commit(REPO)
     if c:
@@ -198,7 +198,7 @@ def environment(device: torch.device) -> dict:
         except (OSError, subprocess.SubprocessError) as e:
             env["nvidia_smi"] = one_line(e)
     else:
-        from alloc_moe.latency import _cpu_name
+        from alloc_moe.stages.latency import _cpu_name
 
         env["gpu"] = None
         env["cpu"] = _cpu_name()
@@ -273,9 +273,10 @@ class _KernelNames(torch.overrides.TorchFunctionMode):
 
 
 def section_hf_deepseek(ctx: Ctx) -> dict:
-    from alloc_moe import apply, zoo
-    from alloc_moe.hf_backend import ExpertRowCounter, moe_layers
-    from alloc_moe.latency import Protocol, measure_hf, summarize
+    from alloc_moe import apply
+    from alloc_moe.backends.hf.apply import ExpertRowCounter, moe_layers
+    from alloc_moe.data import zoo
+    from alloc_moe.stages.latency import Protocol, measure_hf, summarize
 
     a, dev, out = ctx.args, ctx.device, ctx.out
     width = "tiny" if ctx.smoke else "full"
@@ -373,7 +374,7 @@ def section_hf_deepseek(ctx: Ctx) -> dict:
                       expected=g["expected"], gemm_rows=g["gemm_rows"], stats=g["stats"])
     ctx.number("counted_pairs", counts)
 
-    # (c) latency at half budget, interleaved, CUDA events (alloc_moe.latency)
+    # (c) latency at half budget, interleaved, CUDA events (alloc_moe.stages.latency)
     protocol = Protocol(batch=a.batch, prompt=a.prompt, decode=a.decode, warmup=a.warmup, runs=a.runs, seed=0)
     plans = [("original", None), ("uniform-topk-half", count_plans["uniform-topk-half"]),
              ("uniform-alloc-t-half", count_plans["uniform-alloc-t-half"])]
@@ -404,13 +405,13 @@ def _g_topk(p):
 
 
 def _g_full(p):
-    from alloc_moe.token_alloc import alloc_t
+    from alloc_moe.core.token_alloc import alloc_t
 
     return alloc_t(p, KL_FULL, KB_GRAPH, K_GRAPH)
 
 
 def _g_slots(s, m):
-    from alloc_moe.token_alloc import alloc_t_slots
+    from alloc_moe.core.token_alloc import alloc_t_slots
 
     return alloc_t_slots(s, k_layer=KL_SLOTS, k_base=KB_GRAPH, token_mask=m)
 
@@ -496,7 +497,7 @@ def _cloned(fn, *args):
 def section_alloc_t_graphs(ctx: Ctx) -> dict:
     import torch._dynamo
 
-    from alloc_moe.token_alloc import alloc_t_slots  # noqa: F401 - import errors show here, not in a compile
+    from alloc_moe.core.token_alloc import alloc_t_slots  # noqa: F401 - import errors show here, not in a compile
 
     a, dev, out = ctx.args, ctx.device, ctx.out
     backend = a.compile_backend if a.compile_backend != "auto" else ("inductor" if ctx.cuda else "eager")
@@ -625,7 +626,7 @@ def _kernel_source(ctx: Ctx) -> str | None:
 
 def section_triton_moe_kernel(ctx: Ctx) -> dict:
     """vLLM's Triton `fused_moe_kernel` (cut verbatim out of vLLM 0.32's fused_moe.py, launched as vLLM launches it,
-    `alloc_moe.vllm_backend.kernel_check`) with dropped pairs (id -1, weight 0) against a float64 dense reference over
+    `alloc_moe.backends.vllm.kernel_check`) with dropped pairs (id -1, weight 0) against a float64 dense reference over
     the kept pairs: the aligned and the small-batch path, fp32 (TF32 off: TRITON_F32_DEFAULT=ieee), fp16, bf16, small
     shapes and DeepSeek-V2-Lite's full width; eagerly, and captured once in a CUDA graph then replayed on two routings
     with NaN-filled workspaces. Runs in a subprocess (Triton's environment must be set before it is imported; a
@@ -639,7 +640,7 @@ def section_triton_moe_kernel(ctx: Ctx) -> dict:
         return {"status": "skipped", "reason": f"no vLLM fused_moe.py: stage it as {KERNEL_SOURCE} "
                                                "(benchmarks/gpu_check_stage.sh) or pass --kernel-source"}
     ctx.out["kernel_source"] = source
-    cmd = [sys.executable, "-m", "alloc_moe.vllm_backend.kernel_check", "--standalone", source,
+    cmd = [sys.executable, "-m", "alloc_moe.backends.vllm.kernel_check", "--standalone", source,
            "--device", "cuda" if ctx.cuda else "cpu"]
     if ctx.cuda:
         cmd.append("--graph")
@@ -828,7 +829,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     t0 = time.monotonic()
     args = parse_args(argv)
-    from alloc_moe.loading import pick_device
+    from alloc_moe.backends.hf.loading import pick_device
 
     device = pick_device(args.device)
     if args.threads:

@@ -40,7 +40,7 @@ mkdir -p "$DEST"
 # vLLM's fused_moe.py (the Triton MoE kernel the triton-moe-kernel section runs; the image has no vLLM), from the
 # vLLM the tests ran (VLLM_PYTHON: the .venv-vllm of the README's test command)
 VPY=${VLLM_PYTHON:-.venv-vllm/bin/python}
-"$VPY" -c "from alloc_moe.vllm_backend.kernel_check import vllm_kernel_file as f; print(f())" > "$DEST/.src" \
+"$VPY" -c "from alloc_moe.backends.vllm.kernel_check import vllm_kernel_file as f; print(f())" > "$DEST/.src" \
   || { echo "error: no vLLM in $VPY (set VLLM_PYTHON)" >&2; exit 1; }
 cp "$(cat "$DEST/.src")" "$DEST/vllm_fused_moe.py" && rm "$DEST/.src"
 

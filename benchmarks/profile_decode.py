@@ -11,10 +11,11 @@ import argparse
 
 import torch
 
-from alloc_moe import build_plan, token_alloc
-from alloc_moe.hf_backend import apply, moe_layers
-from alloc_moe.latency import Protocol, _inputs
-from alloc_moe.zoo import make_model
+from alloc_moe import build_plan
+from alloc_moe.backends.hf.apply import apply, moe_layers
+from alloc_moe.core import token_alloc
+from alloc_moe.data.zoo import make_model
+from alloc_moe.stages.latency import Protocol, _inputs
 
 
 def _traced_alloc_t(fn):

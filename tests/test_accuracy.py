@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-import alloc_moe.hf_backend
-from alloc_moe import zoo
-from alloc_moe.accuracy import ROW_COLUMNS, evaluate, resolve_tasks
+import alloc_moe.backends.hf.apply
 from alloc_moe.cli import main
-from alloc_moe.plan import build_plan
-from alloc_moe.tasks import embedded
+from alloc_moe.core.plan import build_plan
+from alloc_moe.data import zoo
+from alloc_moe.data.tasks import embedded
+from alloc_moe.stages.accuracy import ROW_COLUMNS, evaluate, resolve_tasks
 
 N = 40  # items per task
 
@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("acc")
     model = zoo.write_model(d / "model", arch="deepseek_v2", layers=3, router_std=1.0, seed=0)
     with torch.no_grad():  # random experts (std 0.02) barely move the residual stream: make them matter
-        for m in alloc_moe.hf_backend.moe_layers(model):
+        for m in alloc_moe.backends.hf.apply.moe_layers(model):
             for p in m.experts.parameters():
                 p.mul_(40.0)
     model.save_pretrained(d / "model")
@@ -94,7 +94,7 @@ def test_output_is_byte_stable(setup, tmp_path):
 
 
 def test_summary_table_and_group_scores(setup, tmp_path):
-    from alloc_moe.summary import accuracy_table, group_table
+    from alloc_moe.report.summary import accuracy_table, group_table
 
     d = setup
     out = tmp_path / "o.json"
@@ -142,7 +142,7 @@ def test_missing_local_data_file(setup, tmp_path, capsys):
 
 def test_embedded_tasks_load_offline_and_a_trained_model_beats_chance(tmp_path, monkeypatch):
     """A tiny model trained for 150 steps (seconds) already scores above chance in every group, offline."""
-    from alloc_moe.train import TrainConfig, train
+    from alloc_moe.data.train import TrainConfig, train
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -10,23 +10,28 @@ from pathlib import Path
 import pytest
 
 from alloc_moe import AllocMoeError
-from alloc_moe.codehash import PACKAGE_DIR, closure_files, code_hash, module_closure
+from alloc_moe.harness.codehash import (
+    PACKAGE_DIR,
+    closure_files,
+    code_hash,
+    module_closure,
+)
 
 ROOT = PACKAGE_DIR.parent
 
 
 def test_plotting_closure_excludes_the_hf_backend_and_vice_versa():
-    plots = module_closure(["alloc_moe.plots"])
-    backend = module_closure(["alloc_moe.hf_backend"])
-    assert "alloc_moe.plots" in plots and "alloc_moe.io" in plots
-    assert "alloc_moe.hf_backend" not in plots and "alloc_moe.zoo" not in plots
-    assert "alloc_moe.hf_backend" in backend and "alloc_moe.routing_stats" in backend
-    assert "alloc_moe.plots" not in backend
+    plots = module_closure(["alloc_moe.report.plots"])
+    backend = module_closure(["alloc_moe.backends.hf.apply"])
+    assert "alloc_moe.report.plots" in plots and "alloc_moe.io" in plots
+    assert "alloc_moe.backends.hf.apply" not in plots and "alloc_moe.data.zoo" not in plots
+    assert "alloc_moe.backends.hf.apply" in backend and "alloc_moe.backends.hf.stats" in backend
+    assert "alloc_moe.report.plots" not in backend
     # function-level imports count: evaluation uses the backend only inside its functions
-    assert "alloc_moe.hf_backend" in module_closure(["alloc_moe.evaluate"])
+    assert "alloc_moe.backends.hf.apply" in module_closure(["alloc_moe.stages.ppl"])
 
 
-@pytest.mark.parametrize("entry", ["alloc_moe.plots", "alloc_moe.hf_backend", "alloc_moe.regress", "alloc_moe.summary"])
+@pytest.mark.parametrize("entry", ["alloc_moe.report.plots", "alloc_moe.backends.hf.apply", "alloc_moe.harness.regress", "alloc_moe.report.summary"])
 def test_closure_contains_every_module_python_imports(entry):
     """Independent reference: the modules a fresh interpreter has loaded after `import entry`."""
     code = f"import sys, json, {entry}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'alloc_moe')))"
@@ -45,25 +50,25 @@ def pkg(tmp_path):
 
 
 def test_editing_outside_the_closure_keeps_the_hash_inside_changes_it(pkg):
-    before = code_hash(["alloc_moe.plots"], pkg)
-    assert before == code_hash(["alloc_moe.plots"], PACKAGE_DIR)  # the location does not enter the hash
-    with open(pkg / "hf_backend.py", "a") as f:
+    before = code_hash(["alloc_moe.report.plots"], pkg)
+    assert before == code_hash(["alloc_moe.report.plots"], PACKAGE_DIR)  # the location does not enter the hash
+    with open(pkg / "backends/hf/apply.py", "a") as f:
         f.write("\n# an edit of the HF backend\n")
-    assert code_hash(["alloc_moe.plots"], pkg) == before
-    backend_before = code_hash(["alloc_moe.hf_backend"], PACKAGE_DIR)
-    assert code_hash(["alloc_moe.hf_backend"], pkg) != backend_before
-    with open(pkg / "plots.py", "a") as f:
+    assert code_hash(["alloc_moe.report.plots"], pkg) == before
+    backend_before = code_hash(["alloc_moe.backends.hf.apply"], PACKAGE_DIR)
+    assert code_hash(["alloc_moe.backends.hf.apply"], pkg) != backend_before
+    with open(pkg / "report/plots.py", "a") as f:
         f.write("\n# an edit of the plotting code\n")
-    assert code_hash(["alloc_moe.plots"], pkg) != before
-    assert code_hash(["alloc_moe.hf_backend"], pkg) == code_hash(["alloc_moe.hf_backend"], pkg)
+    assert code_hash(["alloc_moe.report.plots"], pkg) != before
+    assert code_hash(["alloc_moe.backends.hf.apply"], pkg) == code_hash(["alloc_moe.backends.hf.apply"], pkg)
 
 
 def test_package_data_named_by_a_module_is_hashed(pkg):
-    assert pkg / "schemas" / "plan.schema.json" in closure_files(["alloc_moe.plan"], pkg)
-    before = code_hash(["alloc_moe.plan"], pkg)
+    assert pkg / "schemas" / "plan.schema.json" in closure_files(["alloc_moe.core.plan"], pkg)
+    before = code_hash(["alloc_moe.core.plan"], pkg)
     schema = pkg / "schemas" / "plan.schema.json"
     schema.write_text(schema.read_text() + " ")
-    assert code_hash(["alloc_moe.plan"], pkg) != before
+    assert code_hash(["alloc_moe.core.plan"], pkg) != before
 
 
 def _make(tmp_path, files: dict[str, str]) -> Path:
@@ -118,8 +123,8 @@ def test_import_forms_on_a_synthetic_package(tmp_path):
 def test_workflow_script_as_entry():
     script = ROOT / "workflow/scripts/summarize.py"
     closure = module_closure([str(script)])
-    assert {"alloc_moe.summary", "alloc_moe.provenance", "alloc_moe.io"} <= set(closure)
-    assert "alloc_moe.hf_backend" not in closure
+    assert {"alloc_moe.report.summary", "alloc_moe.harness.provenance", "alloc_moe.io"} <= set(closure)
+    assert "alloc_moe.backends.hf.apply" not in closure
     assert script in closure_files([str(script)])
 
 
@@ -130,6 +135,6 @@ def test_unknown_entry_is_an_error(entry):
 
 
 def test_hash_is_16_hex_and_order_independent():
-    h = code_hash(["alloc_moe.plots", "alloc_moe.summary"])
+    h = code_hash(["alloc_moe.report.plots", "alloc_moe.report.summary"])
     assert len(h) == 16 and int(h, 16) >= 0
-    assert h == code_hash(["alloc_moe.summary", "alloc_moe.plots"])
+    assert h == code_hash(["alloc_moe.report.summary", "alloc_moe.report.plots"])

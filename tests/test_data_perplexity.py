@@ -8,10 +8,21 @@ import types
 import pytest
 import torch
 
-from alloc_moe import data
-from alloc_moe.data import SOURCES, Document, Windows, load_calibration, tokenize_windows
+from alloc_moe.backends.hf.perplexity import (
+    PerplexityResult,
+    nll_from_logits,
+    perplexity,
+    window_nll,
+)
+from alloc_moe.data import text as data
+from alloc_moe.data.text import (
+    SOURCES,
+    Document,
+    Windows,
+    load_calibration,
+    tokenize_windows,
+)
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.perplexity import PerplexityResult, nll_from_logits, perplexity, window_nll
 
 TEXT_A = "The quick brown fox jumps over the lazy dog. " * 12
 TEXT_B = "Sphinx of black quartz, judge my vow! 0123456789 " * 9

@@ -13,8 +13,8 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from alloc_moe.data import SOURCES, load_calibration
-from alloc_moe.download import download, meta_path
+from alloc_moe.data.download import download, meta_path
+from alloc_moe.data.text import SOURCES, load_calibration
 from alloc_moe.errors import AllocMoeError
 from alloc_moe.io import sha256_file
 

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from alloc_moe.summary import fidelity_report, recovered_shares, uniform_loss
+from alloc_moe.report.summary import fidelity_report, recovered_shares, uniform_loss
 
 
 def _groups(rows):

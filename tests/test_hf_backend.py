@@ -1,4 +1,4 @@
-"""The Hugging Face backend (`alloc_moe.hf_backend`): exactness at K_orig, real compute savings counted inside the
+"""The Hugging Face backend (`alloc_moe.backends.hf.apply`): exactness at K_orig, real compute savings counted inside the
 expert GEMMs, routing semantics against hand-written references, padding, plan/model mismatch and routing stats.
 
 Everything runs on tiny zoo models (a few MB) on CPU.
@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alloc_moe import AllocMoeError, Plan, build_plan, zoo
-from alloc_moe.hf_backend import ARCHITECTURES, AppliedPlan, ExpertRowCounter, apply, moe_layers
-from alloc_moe.routing_stats import RoutingStats, load_routing_scores
+from alloc_moe import AllocMoeError, Plan, build_plan
+from alloc_moe.backends.hf.apply import (
+    ARCHITECTURES,
+    AppliedPlan,
+    ExpertRowCounter,
+    apply,
+    moe_layers,
+)
+from alloc_moe.backends.hf.stats import RoutingStats, load_routing_scores
+from alloc_moe.data import zoo
 
-ARCHS = list(zoo.ARCHITECTURES)
+ARCHS = list(zoo.ZOO_SHAPES)
 IMPLS = ["eager", "grouped_mm"]
 TOK = zoo.make_tokenizer(padding_side="left")
 
@@ -643,7 +650,7 @@ def test_unsupported_model_type():
 
 
 def test_architectures_registry_matches_zoo():
-    assert set(ARCHITECTURES) == set(zoo.ARCHITECTURES)
+    assert set(ARCHITECTURES) == set(zoo.ZOO_SHAPES)
 
 
 def test_plan_from_path_and_dict(tmp_path, deepseek):
@@ -783,9 +790,9 @@ def test_real_topologies_half_budget(topology, n_layers, first, k_orig, experts)
 
 
 def test_drop_pairs_is_the_one_place_a_pair_is_dropped(monkeypatch):
-    """The HF router hook drops pairs only through `alloc_moe.routing.drop_pairs` (the vLLM backend's test does the
+    """The HF router hook drops pairs only through `alloc_moe.core.routing.drop_pairs` (the vLLM backend's test does the
     same on its side): replacing it changes what the experts compute, for every variable mode."""
-    from alloc_moe import routing
+    from alloc_moe.core import routing
 
     model = build("olmoe", router_std=1.0)
     ids = ids_of()

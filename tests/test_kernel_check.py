@@ -1,4 +1,4 @@
-"""The torch stand-ins for vLLM's CUDA-only MoE ops (`alloc_moe.vllm_backend.kernel_check`), on hand-made cases.
+"""The torch stand-ins for vLLM's CUDA-only MoE ops (`alloc_moe.backends.vllm.kernel_check`), on hand-made cases.
 
 They replace `moe_align_block_size`, `moe_sum` and `silu_and_mul` when vLLM's real Triton experts run on CPU under
 Triton's interpreter (tests/test_vllm_triton_interpret.py), so their semantics are pinned here by hand. No vLLM
@@ -7,7 +7,7 @@ needed.
 
 import torch
 
-from alloc_moe.vllm_backend.kernel_check import (
+from alloc_moe.backends.vllm.kernel_check import (
     CASES,
     dense_reference,
     make_inputs,

@@ -1,4 +1,4 @@
-"""Latency measurement (`alloc_moe.latency`): phase separation and CSV schema on a tiny model with a fake clock that
+"""Latency measurement (`alloc_moe.stages.latency`): phase separation and CSV schema on a tiny model with a fake clock that
 advances a fixed amount per forward (no timing thresholds), interleaving, the ideal speedup, the speedup summary and
 one-line errors before any model is loaded."""
 
@@ -8,11 +8,18 @@ import pandas as pd
 import pytest
 import torch
 
-from alloc_moe import latency, zoo
+from alloc_moe.backends.hf.apply import moe_layers
 from alloc_moe.cli import main
-from alloc_moe.hf_backend import moe_layers
-from alloc_moe.latency import BackendResult, Protocol, ideal_speedup, measure_hf, summarize
-from alloc_moe.plan import Plan
+from alloc_moe.core.plan import Plan
+from alloc_moe.data import zoo
+from alloc_moe.stages import latency
+from alloc_moe.stages.latency import (
+    BackendResult,
+    Protocol,
+    ideal_speedup,
+    measure_hf,
+    summarize,
+)
 
 B, P, D = 2, 5, 3
 
@@ -132,7 +139,7 @@ def no_model_load(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("alloc_moe.loading.load_model", fail)
+    monkeypatch.setattr("alloc_moe.backends.hf.loading.load_model", fail)
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from alloc_moe import plots
-from alloc_moe.latency import speedup_frame
-from alloc_moe.plan import Plan
+from alloc_moe.core.plan import Plan
+from alloc_moe.report import plots
+from alloc_moe.stages.latency import speedup_frame
 
 
 def summary():

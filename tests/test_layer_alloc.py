@@ -13,8 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alloc_moe
-from alloc_moe import AllocMoeError, alloc_l, ascending, descending, lexi, normalize_sensitivity, uniform
-from alloc_moe.layer_alloc import LAYER_METHODS, allocate_layers
+from alloc_moe import (
+    AllocMoeError,
+    alloc_l,
+    ascending,
+    descending,
+    lexi,
+    normalize_sensitivity,
+    uniform,
+)
+from alloc_moe.core.layer_alloc import LAYER_METHODS, allocate_layers
 
 PAPER_SETTINGS = [  # (L, K_orig, budgets) of DeepSeek-V2-Lite, Qwen1.5-MoE, OLMoE (section 4.1, Table 1)
     (26, 6, (130, 104, 78, 52)),

@@ -1,4 +1,4 @@
-"""Load-balance metrics (`alloc_moe.load_balance`) against hand-computed values and scipy, and the collection from
+"""Load-balance metrics (`alloc_moe.stages.load_balance`) against hand-computed values and scipy, and the collection from
 the HF backend's routing statistics on a tiny model."""
 
 import math
@@ -14,12 +14,13 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy as scipy_entropy
 from scipy.stats import spearmanr
 
-from alloc_moe import AllocMoeError, zoo
+from alloc_moe import AllocMoeError
+from alloc_moe.backends.hf.apply import moe_layers
 from alloc_moe.cli import main
-from alloc_moe.data import Windows
-from alloc_moe.hf_backend import moe_layers
-from alloc_moe.load_balance import collect, compare, layer_metrics, spearman
-from alloc_moe.plan import Plan
+from alloc_moe.core.plan import Plan
+from alloc_moe.data import zoo
+from alloc_moe.data.text import Windows
+from alloc_moe.stages.load_balance import collect, compare, layer_metrics, spearman
 
 
 def test_identical_loads():
@@ -135,7 +136,7 @@ def test_cli_writes_tidy_tables(tmp_path):
 
 
 def test_cli_bad_plan_before_loading(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("alloc_moe.loading.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr("alloc_moe.backends.hf.loading.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     model_dir = tmp_path / "m"
     zoo.write_model(model_dir, arch="olmoe", layers=2)
     plan_for(zoo.make_model("olmoe", layers=3, overrides={"num_experts_per_tok": 4}), [2, 2, 2], "topk").save(tmp_path / "p.json")

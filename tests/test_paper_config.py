@@ -263,9 +263,13 @@ def test_download_rule_reads_a_local_copy_and_fails_offline_naming_the_key(tmp_p
 
 @pytest.mark.parametrize("name", ["deepseek-v2-lite", "qwen1.5-moe-a2.7b", "olmoe-1b-7b-0924"])
 def test_workflow_model_configs_are_the_zoos(name):
-    """config/models/ (read by the workflow, shipped in the container's /app) and alloc_moe/configs/ (package data,
-    the zoo's topologies) hold the same published config.json."""
-    assert (ROOT / "config/models" / f"{name}.json").read_bytes() == (ROOT / "alloc_moe/configs" / f"{name}.json").read_bytes()
+    """The paper config's `hub_config: alloc_moe/data/configs/<name>.json` names the package's own copy (one file,
+    found inside an installed package too: the container has no alloc_moe/ source folder)."""
+    import importlib.resources
+
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    assert cfg["models"][name]["hub_config"] == f"alloc_moe/data/configs/{name}.json"
+    assert (importlib.resources.files("alloc_moe") / "data" / "configs" / f"{name}.json").is_file()
 
 
 @pytest.mark.parametrize("configfile", [None, "config/paper.yaml"])

@@ -14,8 +14,8 @@ import torch
 
 from alloc_moe import AllocMoeError, Plan, build_plan
 from alloc_moe.cli import build_parser, main
-from alloc_moe.layer_alloc import LAYER_METHODS
-from alloc_moe.token_alloc import TOKEN_METHODS
+from alloc_moe.core.layer_alloc import LAYER_METHODS
+from alloc_moe.core.token_alloc import TOKEN_METHODS
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "alloc-moe"
 LAYERS = [1, 3, 5, 7]  # decoder-layer indices of the MoE layers (not 0-based on purpose)

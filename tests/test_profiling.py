@@ -1,4 +1,4 @@
-"""Layer sensitivity profiling (`alloc_moe.profiling`): Algorithm 1 against an independent reference, prefix reuse,
+"""Layer sensitivity profiling (`alloc_moe.stages.profile`): Algorithm 1 against an independent reference, prefix reuse,
 checkpoint/resume, LExI, and the `profile` / `plan` CLI end to end on tiny offline models."""
 
 import json
@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from alloc_moe import AllocMoeError, Plan, apply, profiling, zoo
+from alloc_moe import AllocMoeError, Plan, apply
+from alloc_moe.backends.hf.apply import moe_layers
+from alloc_moe.backends.hf.loading import load_model
+from alloc_moe.backends.hf.perplexity import perplexity
 from alloc_moe.cli import main
-from alloc_moe.data import Windows, load_calibration, tokenize_windows
-from alloc_moe.hf_backend import moe_layers
-from alloc_moe.loading import load_model
-from alloc_moe.perplexity import perplexity
-from alloc_moe.profiling import profile_lexi, profile_perplexity
-from alloc_moe.sensitivity import read_sensitivity
+from alloc_moe.core.sensitivity import read_sensitivity
+from alloc_moe.data import zoo
+from alloc_moe.data.text import Windows, load_calibration, tokenize_windows
+from alloc_moe.stages import profile as profiling
+from alloc_moe.stages.profile import profile_lexi, profile_perplexity
 
 
 def build(arch, *, k=None, layers=None, router_std=1.0, seed=0):

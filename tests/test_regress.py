@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from alloc_moe.cli import main
-from alloc_moe.manifest import config_hash, write_manifest
-from alloc_moe.regress import classify, regress
+from alloc_moe.harness.manifest import config_hash, write_manifest
+from alloc_moe.harness.regress import classify, regress
 
 CONFIG = {"models": {"embedded": {"budgets": [32, 40]}}, "threads": 2}
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from alloc_moe.cli import main
-from alloc_moe.regress import load_tolerances
+from alloc_moe.harness.regress import load_tolerances
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from test_workflow import ROOT, TINY, _snakemake
 
-from alloc_moe import plots
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.summary import METHOD_NAMES, tradeoff_table
+from alloc_moe.report import plots
+from alloc_moe.report.summary import METHOD_NAMES, tradeoff_table
 
 # The workflow test's tiny config, smaller, and chosen so that the trade-off join has something to leave out: Alloc-T
 # (uniform x alloc-t) and Alloc-L are evaluated but not timed; LExI is timed (a default latency method), not evaluated.
@@ -197,7 +197,7 @@ def test_report_captions_name_the_paper_figure_or_table(report):
 
 
 def test_report_shows_environment_with_config_hash(report):
-    from alloc_moe.manifest import config_hash
+    from alloc_moe.harness.manifest import config_hash
 
     work, _, results = report
     page = (work / "results/summary/report/environment.html").read_text()

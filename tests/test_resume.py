@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import alloc_moe.accuracy
-import alloc_moe.hf_backend
-from alloc_moe import zoo
+import alloc_moe.backends.hf.apply
+import alloc_moe.stages.accuracy
 from alloc_moe.cli import main
-from alloc_moe.plan import build_plan
-from alloc_moe.resume import Checkpoints, digest, fingerprint
-from alloc_moe.tasks import embedded
+from alloc_moe.core.plan import build_plan
+from alloc_moe.data import zoo
+from alloc_moe.data.tasks import embedded
+from alloc_moe.harness.resume import Checkpoints, digest, fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     model = zoo.write_model(d / "model", arch="deepseek_v2", layers=3, router_std=1.0, seed=0)
     with torch.no_grad():
-        for m in alloc_moe.hf_backend.moe_layers(model):
+        for m in alloc_moe.backends.hf.apply.moe_layers(model):
             for p in m.experts.parameters():
                 p.mul_(40.0)
     model.save_pretrained(d / "model")
@@ -61,13 +61,13 @@ def _checkpoints(directory: Path) -> list[Path]:
 @pytest.fixture
 def spy(monkeypatch):
     """The plans `accuracy.evaluate` really evaluates, in order (it still runs)."""
-    seen, real = [], alloc_moe.accuracy.evaluate
+    seen, real = [], alloc_moe.stages.accuracy.evaluate
 
     def counting(model, plans, *a, **k):
         seen.extend("original" if p is None else f"{p.layer_method}/{p.token_allocation}" for p in plans)
         return real(model, plans, *a, **k)
 
-    monkeypatch.setattr(alloc_moe.accuracy, "evaluate", counting)
+    monkeypatch.setattr(alloc_moe.stages.accuracy, "evaluate", counting)
     return seen
 
 
@@ -121,7 +121,7 @@ def _fake_evaluate(calls: list, kill_at: int | None = None):
 def _killed_after_first_plan(d, tmp_path, monkeypatch, *extra) -> Path:
     part = tmp_path / "part"
     calls = []
-    monkeypatch.setattr(alloc_moe.accuracy, "evaluate", _fake_evaluate(calls, kill_at=1))
+    monkeypatch.setattr(alloc_moe.stages.accuracy, "evaluate", _fake_evaluate(calls, kill_at=1))
     with pytest.raises(_Killed):
         main(_args(d, [tmp_path / f"o{i}.json" for i in range(3)], part) + list(extra))
     assert calls == ["original"] and len(_checkpoints(part)) == 1
@@ -130,7 +130,7 @@ def _killed_after_first_plan(d, tmp_path, monkeypatch, *extra) -> Path:
 
 def _rerun(d, tmp_path, monkeypatch, *extra) -> list:
     calls = []
-    monkeypatch.setattr(alloc_moe.accuracy, "evaluate", _fake_evaluate(calls))
+    monkeypatch.setattr(alloc_moe.stages.accuracy, "evaluate", _fake_evaluate(calls))
     assert main(_args(d, [tmp_path / f"o{i}.json" for i in range(3)], tmp_path / "part") + list(extra)) == 0
     return calls
 
@@ -164,7 +164,7 @@ def test_a_checkpoint_of_anything_else_is_never_reused(setup, tmp_path, monkeypa
         data = next((d / "tasks").glob("*.jsonl"))
         data.write_text(data.read_text().replace("1", "2", 1))
     elif change == "other code":
-        monkeypatch.setattr("alloc_moe.codehash.code_hash", lambda *a, **k: "0" * 64)
+        monkeypatch.setattr("alloc_moe.harness.codehash.code_hash", lambda *a, **k: "0" * 64)
     elif change == "checkpoint holds another key":
         (ckpt,) = _checkpoints(part)
         data = json.loads(ckpt.read_text())
@@ -181,7 +181,7 @@ def test_rewritten_plan_file_is_evaluated_again(setup, tmp_path, monkeypatch):
     d = tmp_path / "copy"
     shutil.copytree(setup, d)
     part, calls = tmp_path / "part", []
-    monkeypatch.setattr(alloc_moe.accuracy, "evaluate", _fake_evaluate(calls, kill_at=2))
+    monkeypatch.setattr(alloc_moe.stages.accuracy, "evaluate", _fake_evaluate(calls, kill_at=2))
     with pytest.raises(_Killed):
         main(_args(d, [tmp_path / f"o{i}.json" for i in range(3)], part))
     assert calls == ["original", "topk"] and len(_checkpoints(part)) == 2

@@ -18,10 +18,10 @@ import yaml
 
 datasets = pytest.importorskip("datasets")
 
-from alloc_moe import stage as st
+from alloc_moe.backends.hf.loading import split_ref
+from alloc_moe.data import stage as st
 from alloc_moe.errors import AllocMoeError
 from alloc_moe.io import sha256_file
-from alloc_moe.loading import split_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -67,7 +67,7 @@ def _text(mirror: Path, key: str, rows=TEXT) -> None:
 def hub(tmp_path_factory):
     """A mirror with a tiny checkpoint, two dataset repositories and a WikiText split; the task folders and the config
     that uses them."""
-    from alloc_moe import zoo
+    from alloc_moe.data import zoo
 
     d = tmp_path_factory.mktemp("stage")
     mirror = d / "mirror"
@@ -161,7 +161,7 @@ def test_check_and_its_cli_name_what_is_missing_in_one_line(hub, tmp_path):
 def test_download_copies_the_staged_text_and_its_sidecar(hub, tmp_path):
     """What the `download` rule does with a stage: the bytes and the sidecar an online download writes (the pinned
     revision, not a local file), checksum verified; a split staged with another cut is not taken."""
-    from alloc_moe.download import download, meta_path
+    from alloc_moe.data.download import download, meta_path
 
     d, _, _ = hub
     staged = d / "st/text/wikitext2_test.max2000.jsonl"
@@ -178,7 +178,7 @@ def test_download_copies_the_staged_text_and_its_sidecar(hub, tmp_path):
 
 def test_eval_names_task_data_it_cannot_load_in_one_line(monkeypatch):
     """lm-eval's dataset load failing offline (not staged) is the project's one-line error, not a traceback."""
-    from alloc_moe import accuracy
+    from alloc_moe.stages import accuracy
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     task = yaml.safe_load(TASK) | {"task": "missing_qa", "dataset_path": "fakeorg/NotStaged"}
@@ -224,8 +224,8 @@ def _cli(*args, env=None, cwd=None):
 LOADS = """
 import datasets, json, sys
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.loading import load_model, resolved_commit
-from alloc_moe.moe_model import config_moe_layers
+from alloc_moe.backends.hf.loading import load_model, resolved_commit
+from alloc_moe.backends.hf.model import config_moe_layers
 commit = sys.argv[1]
 for ref in ["fakeorg/TinyMoE@main", f"fakeorg/TinyMoE@{commit}"]:
     model, tok = load_model(ref, device="cpu")
@@ -235,7 +235,7 @@ assert datasets.load_dataset("fakeorg/TinyQA", "cfg")["test"][1] == {"q": "Is 1 
 rows = list(datasets.load_dataset("fakeorg/StreamQA", streaming=True)["test"])  # what GroundCocoa's task does
 assert len(rows) == 6 and rows[0] == {"q": "Is 0 odd?", "a": 0}
 assert config_moe_layers("fakeorg/TinyMoE@v2") is None  # a revision that is not staged: unreadable here
-from alloc_moe.manifest import checkpoints  # what the run manifest records for an unpinned revision
+from alloc_moe.harness.manifest import checkpoints  # what the run manifest records for an unpinned revision
 ckpt = checkpoints({"models": {"tiny": {"path": "fakeorg/TinyMoE", "revision": "main"}, "local": {"path": "."}}})
 assert ckpt == {"tiny": {"path": "fakeorg/TinyMoE", "revision": "main", "commit": commit}}, ckpt
 try:
@@ -322,7 +322,7 @@ def paper_stage(tmp_path_factory):
 
 def test_paper_needs_are_the_papers_downloads(paper_stage):
     _, _, want = paper_stage
-    from alloc_moe.tasks import suite
+    from alloc_moe.data.tasks import suite
 
     assert [m.key for m in want.models] == ["Qwen/Qwen1.5-MoE-A2.7B@main", "allenai/OLMoE-1B-7B-0924@main",
                                             "deepseek-ai/DeepSeek-V2-Lite@main"]

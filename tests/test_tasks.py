@@ -6,9 +6,8 @@ import math
 
 import pytest
 
-from alloc_moe import synthetic as syn
-from alloc_moe.tasks import GROUPS, group_scores, suite
-from alloc_moe.tasks import embedded
+from alloc_moe.data import synthetic as syn
+from alloc_moe.data.tasks import GROUPS, embedded, group_scores, suite
 
 
 @pytest.mark.parametrize("task", list(embedded.ITEMS))

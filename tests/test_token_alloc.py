@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alloc_moe import (
-    AllocMoeError,
     TOKEN_METHODS,
+    AllocMoeError,
     alloc_t,
     calibrate_threshold,
     mask_to_slots,
@@ -26,7 +26,6 @@ from alloc_moe import (
     top_p_mask,
     topk_mask,
 )
-
 
 # ---------------------------------------------------------------- helpers / references
 

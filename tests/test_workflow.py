@@ -50,8 +50,8 @@ def run(tmp_path_factory):
 
 
 def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
-    from alloc_moe.accuracy import ROW_COLUMNS
-    from alloc_moe.tasks.embedded import ITEMS
+    from alloc_moe.data.tasks.embedded import ITEMS
+    from alloc_moe.stages.accuracy import ROW_COLUMNS
 
     acc = pd.read_csv(run / "results/summary/accuracy.csv", dtype={"k_base": "string"}, keep_default_na=False)
     assert list(acc.columns) == ROW_COLUMNS
@@ -151,17 +151,17 @@ def _rerun_after_editing(run, tmp_path, module: str) -> dict[str, int]:
 
 
 def test_editing_plotting_code_reruns_only_figures(run, tmp_path):
-    jobs = _rerun_after_editing(run, tmp_path, "plots.py")
+    jobs = _rerun_after_editing(run, tmp_path, "report/plots.py")
     assert set(jobs) == {"figure", "figure_perplexity", "figure_tradeoff", "plot_latency", "plot_load_balance",
                          "all"}, jobs
 
 
 def test_editing_the_hf_backend_reruns_evaluation_not_training(run, tmp_path):
-    jobs = _rerun_after_editing(run, tmp_path, "hf_backend.py")
+    jobs = _rerun_after_editing(run, tmp_path, "backends/hf/apply.py")
     assert "train" not in jobs and "calibration_set" not in jobs and "profile_lexi" not in jobs, jobs
     assert any(j.startswith("accuracy_") for j in jobs) and "routing_scores" in jobs, jobs
 
 
-@pytest.mark.parametrize("module", ["regress.py", "cli.py"])  # unused by rules; the dispatcher of every command
+@pytest.mark.parametrize("module", ["harness/regress.py", "cli.py"])  # unused by rules; the dispatcher of every command
 def test_editing_unused_code_or_the_dispatcher_reruns_nothing(run, tmp_path, module):
     assert _rerun_after_editing(run, tmp_path, module) == {}

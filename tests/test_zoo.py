@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alloc_moe import zoo
+from alloc_moe.data import zoo
 from alloc_moe.errors import AllocMoeError
 
-ARCHS = list(zoo.ARCHITECTURES)
+ARCHS = list(zoo.ZOO_SHAPES)
 _TOK = zoo.make_tokenizer()
 
 
@@ -212,7 +212,7 @@ def test_cli_make_model(tmp_path, capsys):
         parser.parse_args(["make-model", "--arch", "gpt2", "--out", str(out)])
 
 
-@pytest.mark.parametrize("arch", sorted(zoo.ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(zoo.ZOO_SHAPES))
 def test_small_width_has_vllm_cpu_shapes(arch):
     # vLLM's CPU attention needs head_dim >= 32; DeepSeek-V2's MLA needs kv_lora_rank + qk_rope_head_dim == 576
     cfg = zoo.make_config(arch, width="small")

@@ -2,8 +2,9 @@
 
 import torch
 
-from alloc_moe import Plan, zoo
-from alloc_moe.hf_backend import apply
+from alloc_moe import Plan
+from alloc_moe.backends.hf.apply import apply
+from alloc_moe.data import zoo
 
 PROMPT_LENGTHS = (29, 17, 40)
 # Tolerance for vLLM vs HF (fp32, same plan, same checkpoint): different kernels sum in different orders.

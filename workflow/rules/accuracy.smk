@@ -2,7 +2,7 @@
 # model, evaluating all of that budget's plans in one process (the model and the tasks load once). Each finished plan
 # is checkpointed in results/<run>/eval/.partial-<label>/ (not a declared output, so Snakemake keeps it when it
 # deletes a killed job's outputs; removed once the job's outputs are written): the rerun evaluates only the plans
-# that had not finished (alloc_moe/resume.py).
+# that had not finished (alloc_moe/harness/resume.py).
 
 
 def _tasks_args(run):
@@ -35,7 +35,7 @@ def _eval_rule(run, label, plan_files, outs):
         output:
             outs,
         params:
-            code=code("alloc_moe.accuracy"),
+            code=code("alloc_moe.stages.accuracy"),
         threads: 1
         resources:  # a real checkpoint (path:) evaluates on a GPU; the embedded model on CPU
             gpu=1 if "path" in spec else 0,

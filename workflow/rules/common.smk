@@ -42,7 +42,7 @@ validate(config, "../schemas/config.schema.yaml")  # fills in the schema's defau
 # user, and cluster jobs must keep their own PATH, so it is only prepended here, for jobs started from this process.
 os.environ.update(PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
 
-from alloc_moe.data import SOURCES  # hub text sources (wikitext2, c4, pile): the `download` rule fetches them
+from alloc_moe.data.text import SOURCES  # hub text sources (wikitext2, c4, pile): the `download` rule fetches them
 
 DOWNLOAD = config.get("download", {})
 CAL = config.get("calibration", {})
@@ -60,7 +60,7 @@ def code(*entries):
     calls, whose `register_cli` parses its arguments) or workflow scripts, each with the alloc_moe modules it imports
     (transitively). Jobs re-run when that code changes, and only then. The `alloc-moe` dispatcher (`cli.py`: the
     list of subcommands and the one-line error handler) is left out, so adding a subcommand re-runs nothing."""
-    from alloc_moe.codehash import code_hash
+    from alloc_moe.harness.codehash import code_hash
 
     if not entries:
         raise ValueError("code() needs at least one module or workflow script")
@@ -109,10 +109,10 @@ def num_moe_layers(run):
     spec = spec_of(run)
     if "train" in spec or "make" in spec:
         s = spec.get("train") or spec["make"]
-        from alloc_moe import zoo
+        from alloc_moe.data import zoo
 
         if "train" in spec:
-            from alloc_moe.train import TrainConfig
+            from alloc_moe.data.train import TrainConfig
 
             d = TrainConfig()
             cfg = zoo.make_config(s.get("arch", d.arch), layers=s.get("layers", d.layers), width=s.get("width", d.width))
@@ -122,7 +122,7 @@ def num_moe_layers(run):
         return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
     from transformers import AutoConfig
 
-    source = str(Path(workflow.basedir, spec["hub_config"])) if "hub_config" in spec else model_ref(run)
+    source = hub_config_file(spec["hub_config"]) if "hub_config" in spec else model_ref(run)
     try:
         name, revision = split_ref(source)
         cfg = AutoConfig.from_pretrained(name, revision=revision)
@@ -131,6 +131,17 @@ def num_moe_layers(run):
         config_fail(f"models.{RUNS[run][0]}: cannot read the model config of {source!r} ({first}); offline, give "
                     "hub_config: a copy of the checkpoint's config.json, or run from a stage (offline.stage_dir)")
     return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
+
+
+def hub_config_file(value):
+    """`hub_config:` as a file: `alloc_moe/...` names the installed package's copy (the published configs ship as
+    `alloc_moe/data/configs/*.json`, so a container or a pip install finds them too), anything else is relative to
+    the workflow's folder."""
+    if value.startswith("alloc_moe/"):
+        import importlib.resources
+
+        return str(importlib.resources.files("alloc_moe").joinpath(value[len("alloc_moe/"):]))
+    return str(Path(workflow.basedir, value))
 
 
 def model_dir(wildcards):
@@ -191,8 +202,8 @@ for _key, _path in DOWNLOAD.get("local", {}).items():
 
 # --- hub checkpoints at a revision, and offline runs from a stage (`offline: {stage_dir: DIR}`, alloc-moe stage) ---
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.loading import is_hub_id, split_ref
-from alloc_moe.stage import check as check_stage, model_needs, offline_env
+from alloc_moe.backends.hf.loading import is_hub_id, split_ref
+from alloc_moe.data.stage import check as check_stage, model_needs, offline_env
 
 try:
     model_needs(config)  # a revision belongs to a hub-id path

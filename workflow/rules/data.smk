@@ -5,7 +5,7 @@ rule calibration_set:
         name="balanced|language|structured",
     params:
         docs=CAL.get("docs_per_family", 40),
-        code=code("alloc_moe.synthetic"),
+        code=code("alloc_moe.data.synthetic"),
     log:
         "results/logs/calib_{name}.log",
     conda:
@@ -19,7 +19,7 @@ rule heldout_text:
         "results/data/heldout.jsonl",
     params:
         docs=EVAL.get("docs_per_family", 20),
-        code=code("alloc_moe.synthetic"),
+        code=code("alloc_moe.data.synthetic"),
     log:
         "results/logs/heldout_text.log",
     conda:
@@ -32,7 +32,7 @@ rule embedded_tasks:
     output:
         directory("results/tasks/embedded"),
     params:
-        code=code("alloc_moe.tasks.embedded"),
+        code=code("alloc_moe.data.tasks.embedded"),
     log:
         "results/logs/embedded_tasks.log",
     conda:
@@ -41,7 +41,7 @@ rule embedded_tasks:
         "alloc-moe make-tasks --out {output} > {log} 2>&1"
 
 
-# Hub text sources (WikiText2 / C4 / Pile at the revisions pinned in alloc_moe.data.SOURCES) as calibration or
+# Hub text sources (WikiText2 / C4 / Pile at the revisions pinned in alloc_moe.data.text.SOURCES) as calibration or
 # evaluation JSONL with a sha256 sidecar; `download.local.<source>_<split>` reads a local copy instead (offline).
 # Runs on the machine that starts the workflow (localrules): cluster nodes often have no network.
 localrules: download
@@ -59,7 +59,7 @@ rule download:
     params:
         local=lambda wildcards, input: f"--local {input[0]}" if input else "",
         max_chars=f"--max-chars {DOWNLOAD['max_chars']}" if DOWNLOAD.get("max_chars") else "",
-        code=code("alloc_moe.download"),
+        code=code("alloc_moe.data.download"),
     log:
         "results/logs/download_{source}_{split}.log",
     conda:

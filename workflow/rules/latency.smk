@@ -16,7 +16,7 @@ rule latency:
                           [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
         device=LAT_DEVICE,
         dtype=LAT.get("dtype", "auto"),
-        code=code("alloc_moe.latency"),
+        code=code("alloc_moe.stages.latency"),
     threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
         gpu=latency_gpu,

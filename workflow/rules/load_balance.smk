@@ -16,7 +16,7 @@ rule load_balance:
         seq_len=LB.get("seq_len", EVAL.get("seq_len", 64)),
         max_tokens=LB.get("max_tokens", 8192),
         batch_size=LB.get("batch_size", 16),
-        code=code("alloc_moe.load_balance"),
+        code=code("alloc_moe.stages.load_balance"),
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)

@@ -1,7 +1,7 @@
 # Manifest (README "Regression tracking"): results/summary/manifest.json ties every summary table to the resolved
 # config (and its hash), the git commit, package versions and hardware, with the sha256 of each table it covers.
 # It is written after the last summary table and again whenever one of them, the config or its code changes.
-from alloc_moe.manifest import config_hash
+from alloc_moe.harness.manifest import config_hash
 
 MANIFEST_TABLES = ["accuracy", "perplexity", "latency", "load_balance"]
 

@@ -6,7 +6,7 @@ rule train:
     params:
         args=_train_args,
         seed=lambda wc: RUNS[wc.run][1],
-        code=code("alloc_moe.train"),
+        code=code("alloc_moe.data.train"),
     threads: lambda wildcards: workflow.cores
     log:
         "results/{run}/logs/train.log",
@@ -25,7 +25,7 @@ rule make_model:
     params:
         args=_make_args,
         seed=lambda wc: RUNS[wc.run][1],
-        code=code("alloc_moe.zoo"),
+        code=code("alloc_moe.data.zoo"),
     log:
         "results/{run}/logs/make_model.log",
     conda:

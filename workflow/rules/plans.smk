@@ -13,7 +13,7 @@ rule plan:
         normalization=config.get("normalization", "relative"),
         model=model_dir,
         exact="--exact-budget" if config.get("exact_budget", False) else "",
-        code=code("alloc_moe.plan_cli"),
+        code=code("alloc_moe.stages.plan"),
     log:
         "results/{run}/logs/plan_{layer}__{token}__kb{kb}__{calib}__B{budget}.log",
     conda:

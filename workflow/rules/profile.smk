@@ -10,7 +10,7 @@ rule profile_ppl:
         seq_len=PROFILE.get("seq_len", 64),
         max_tokens=PROFILE.get("max_tokens", 8192),
         batch_size=PROFILE.get("batch_size", 16),
-        code=code("alloc_moe.profiling"),
+        code=code("alloc_moe.stages.profile"),
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
@@ -31,7 +31,7 @@ rule profile_lexi:
         "results/{run}/sensitivity/lexi.csv",
     params:
         model=model_dir,
-        code=code("alloc_moe.profiling"),
+        code=code("alloc_moe.stages.profile"),
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
@@ -56,7 +56,7 @@ rule routing_scores:
         seq_len=PROFILE.get("seq_len", 64),
         max_tokens=PROFILE.get("max_tokens", 8192),
         batch_size=PROFILE.get("batch_size", 16),
-        code=code("alloc_moe.evaluate"),
+        code=code("alloc_moe.stages.routing_scores"),
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)

@@ -1,4 +1,4 @@
-from alloc_moe.manifest import config_hash
+from alloc_moe.harness.manifest import config_hash
 
 
 rule summarize:

@@ -4,8 +4,8 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import pandas as pd
 
-from alloc_moe.plots import group_scores_vs_budget
-from alloc_moe.summary import COMPARISONS, group_table
+from alloc_moe.report.plots import group_scores_vs_budget
+from alloc_moe.report.summary import COMPARISONS, group_table
 
 fig, model = snakemake.wildcards.fig, snakemake.wildcards.model
 acc = pd.read_csv(snakemake.input[0], dtype={"k_base": "string"}, keep_default_na=False)

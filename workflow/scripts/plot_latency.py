@@ -4,8 +4,8 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import json
 
-from alloc_moe.latency import speedup_frame
-from alloc_moe.plots import speedup_vs_budget
+from alloc_moe.report.plots import speedup_vs_budget
+from alloc_moe.stages.latency import speedup_frame
 
 summary = json.loads(open(snakemake.input[0]).read())
 title = f"{snakemake.wildcards.run} ({summary['device']}, {summary['dtype']})"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from alloc_moe import plots
-from alloc_moe.plan import Plan
+from alloc_moe.core.plan import Plan
+from alloc_moe.report import plots
 
 plan = Plan.load(snakemake.input.plan)
 label = Path(snakemake.input.plan).stem

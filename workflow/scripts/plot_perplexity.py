@@ -4,7 +4,7 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import pandas as pd
 
-from alloc_moe.plots import perplexity_vs_budget
+from alloc_moe.report.plots import perplexity_vs_budget
 
 model = snakemake.wildcards.model
 df = pd.read_csv(snakemake.input[0], dtype={"k_base": "string"}, keep_default_na=False)

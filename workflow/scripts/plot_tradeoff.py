@@ -4,8 +4,8 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import pandas as pd
 
-from alloc_moe.plots import accuracy_vs_speedup
-from alloc_moe.summary import tradeoff_table
+from alloc_moe.report.plots import accuracy_vs_speedup
+from alloc_moe.report.summary import tradeoff_table
 
 model = snakemake.wildcards.model
 acc = pd.read_csv(snakemake.input.accuracy, dtype={"k_base": "string"}, keep_default_na=False)

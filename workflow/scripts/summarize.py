@@ -5,9 +5,15 @@ sys.stderr = open(snakemake.log[0], "w")
 import json
 from pathlib import Path
 
+from alloc_moe.harness.provenance import environment
 from alloc_moe.io import atomic_write_text
-from alloc_moe.provenance import environment
-from alloc_moe.summary import accuracy_table, eval_perplexity_table, fidelity_report, paper_tables, write_csv
+from alloc_moe.report.summary import (
+    accuracy_table,
+    eval_perplexity_table,
+    fidelity_report,
+    paper_tables,
+    write_csv,
+)
 
 acc = accuracy_table(list(snakemake.input))
 write_csv(acc, snakemake.output.accuracy)

@@ -1,0 +1,1 @@
+"""Where plans meet inference engines: the backend interface and registry (`base`), Hugging Face transformers (`hf/`) and vLLM (`vllm/`)."""

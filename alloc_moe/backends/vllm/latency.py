@@ -1,0 +1,89 @@
+"""Latency through a vLLM engine with a plan (`latency.LATENCY_BACKENDS["vllm"]`).
+
+One engine per plan (plans are applied at model load, before compilation), each checked against the GPU's free
+memory before it starts and torn down completely before the next (`engine.check_free_memory`, `engine.shutdown`).
+Each run sends the same `batch` prompts of `prompt` random token ids twice, prefix caching off: once with 1 output
+token (prefill = time to the first token of the whole batch) and once with `decode` tokens (ignore_eos); decode ms per
+generated token = (full - prefill) / (decode - 1). `warmup` runs are discarded. Engine settings: `backend_args`
+(`mode`, `gpu_memory_utilization`, `moe_backend` of `alloc_moe.backends.vllm.options`, or other `engine.ENGINE_ARGS`);
+`record` gives their provenance, resolved as `measure` resolves them.
+"""
+
+import time
+
+import torch
+
+from ...core.plan import Plan
+from ...errors import AllocMoeError
+from ..hf.loading import hub_kwargs, split_ref
+from . import engine
+
+
+def _prompts(model: str, batch: int, prompt: int, seed: int) -> list[list[int]]:
+    """[B, P] seeded random ids below the model's vocab_size: the same prompts as the hf backend (`latency._inputs`)."""
+    from transformers import AutoConfig
+
+    name, revision = split_ref(model)
+    vocab = int(AutoConfig.from_pretrained(name, revision=revision).vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, prompt), generator=g).tolist()
+
+
+def _timed(llm, prompts, sp) -> float:
+    from vllm import TokensPrompt
+
+    t = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    return (time.perf_counter() - t) * 1e3
+
+
+def measure(model: str, plans: list[tuple[str, Plan | None]], *, batch: int, prompt: int, decode: int, warmup: int,
+            runs: int, dtype: str, seed: int, **backend_args) -> list[dict]:
+    """Rows {"plan", "phase": "prefill"|"decode", "run", "ms"} for every plan (label, Plan or None = original)."""
+    from vllm import LLM, SamplingParams
+
+    if min(batch, prompt, runs) < 1 or decode < 2 or warmup < 0:
+        raise AllocMoeError(f"latency needs batch, prompt, runs >= 1, decode >= 2, warmup >= 0; got batch={batch} "
+                            f"prompt={prompt} decode={decode} warmup={warmup} runs={runs}")
+    kwargs = engine_settings(model, batch=batch, dtype=dtype, seed=seed, **backend_args)
+    for _, plan in plans:
+        if plan is not None:
+            engine.check_plan_for_model(model, plan)
+    prompts = _prompts(model, batch, prompt, seed)
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    full = SamplingParams(max_tokens=decode, temperature=0.0, ignore_eos=True)
+    rows = []
+    for label, plan in plans:
+        with engine.plan_env(plan):
+            name, revision = hub_kwargs(model)  # org/name@revision: the revision reaches the engine and the tokenizer
+            free = engine.check_free_memory(kwargs)
+            llm = LLM(model=name, enable_prefix_caching=False, **revision, **kwargs)
+            try:
+                for i in range(warmup + runs):
+                    pre = _timed(llm, prompts, first)
+                    tot = _timed(llm, prompts, full)
+                    if i >= warmup:
+                        rows.append({"plan": label, "phase": "prefill", "run": i - warmup, "ms": pre})
+                        rows.append({"plan": label, "phase": "decode", "run": i - warmup,
+                                     "ms": (tot - pre) / (decode - 1)})
+            finally:
+                engine.shutdown(llm, wait_for=free)
+                del llm
+    return rows
+
+
+def engine_settings(model: str | None, *, batch: int | None = None, dtype: str = "float32", seed: int = 0,
+                    **backend_args) -> dict:
+    """LLM(...) arguments of a latency engine: `engine.engine_kwargs` with `max_num_seqs` = batch (all prompts of a
+    run share the engine's steps) and the backend arguments (`mode` among them)."""
+    sched = {"max_num_seqs": max(batch, 1)} if batch is not None else {}
+    mode = backend_args.pop("mode", None) or "auto"
+    return engine.engine_kwargs(dtype=dtype, seed=seed, model=model, mode=mode, **{**sched, **backend_args})
+
+
+def record(model: str | None = None, *, batch: int | None = None, dtype: str = "float32", seed: int = 0,
+           **backend_args) -> dict:
+    """Provenance for latency results of this backend (vLLM version, scheduler settings, compile mode, memory share,
+    MoE backend, the model's engine args), resolved as `measure` resolves them."""
+    kwargs = engine_settings(model, batch=batch, dtype=dtype, seed=seed, **backend_args)
+    return engine.engine_record(kwargs, mode=backend_args.get("mode") or "auto")

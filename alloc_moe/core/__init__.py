@@ -1,0 +1,1 @@
+"""The paper's algorithms, framework-free: budgets, Alloc-L (layer) and Alloc-T (token) allocation and their baselines, the one function where a token-expert pair is dropped (`routing.drop_pairs`), threshold calibration, sensitivity matrices, and the plan artifact."""

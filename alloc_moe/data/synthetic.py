@@ -1,0 +1,202 @@
+"""Deterministic synthetic corpus for the embedded default: three families that mirror the paper's task groups.
+
+- `language` (NLU-like): sentences with subject-verb agreement and verb-object selection, and yes/no questions
+  about a fact stated just before (a BoolQ / RTE counterpart);
+- `patterns` (Reasoning-like): copy / reverse / sort / min / max of short letter lists;
+- `arithmetic` (Math-like): additions and subtractions of numbers below 100, written digit by digit, least
+  significant digit first.
+
+Text is whitespace-tokenized: every word, letter, digit and punctuation mark is one token of the word-level
+tokenizer `make_word_tokenizer` (a closed vocabulary, so task answers are single tokens).
+
+Every statement is an *item* with a question part; a hash of the question decides its split (`is_heldout`): one
+question in eight is held out. Training and calibration text use only the others, the task suite
+(`alloc_moe.data.tasks`) only held-out questions, so no test question is ever seen in training or calibration.
+
+Three calibration sets (`CALIBRATION_SETS`) play the roles of WikiText2 / C4 / Pile in the paper's Table 3: the
+balanced mix, a language-heavy mix and a structure-heavy mix, each drawn with its own seed.
+"""
+
+import hashlib
+import json
+import random
+
+from ..errors import AllocMoeError
+from ..io import atomic_write_text
+
+# ---- vocabulary -------------------------------------------------------------------------------------------------
+DET = {"sg": ["the", "a", "one"], "pl": ["the", "two", "some"]}
+NOUN = {"sg": ["cat", "dog", "bird", "friend", "teacher", "farmer", "child", "king", "horse", "sailor", "baker", "queen"],
+        "pl": ["cats", "dogs", "birds", "friends", "teachers", "farmers", "children", "kings", "horses", "sailors",
+               "bakers", "queens"]}
+ADJ = ["big", "small", "old", "young", "red", "brown", "happy", "quiet"]
+# verb class -> (singular form, plural/base form, objects it selects)
+VERBS = {
+    "eat": ("eats", "eat", ["bread", "apples", "soup", "cake"]),
+    "read": ("reads", "read", ["books", "letters", "poems", "maps"]),
+    "climb": ("climbs", "climb", ["hills", "trees", "walls", "stairs"]),
+    "drink": ("drinks", "drink", ["water", "milk", "tea", "juice"]),
+}
+LETTERS = list("abcdefgh")
+DIGITS = [str(d) for d in range(10)]
+PATTERN_OPS = ["copy", "reverse", "sort", "min", "max"]
+MAX_OPERAND = 99
+WORDS = sorted({*DET["sg"], *DET["pl"], *NOUN["sg"], *NOUN["pl"], *ADJ, "does", "do", "question", "answer", "yes", "no",
+                *(w for sg, pl, objs in VERBS.values() for w in (sg, pl, *objs)), *LETTERS, *DIGITS, *PATTERN_OPS,
+                ".", "?", ":", "=", ";", "+", "-"})
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+
+HELDOUT_EVERY = 8
+
+
+def is_heldout(question: str) -> bool:
+    """Deterministic split: a question is held out when its sha256 falls in one bucket of HELDOUT_EVERY."""
+    return int.from_bytes(hashlib.sha256(question.encode()).digest()[:4], "big") % HELDOUT_EVERY == 0
+
+
+# ---- items: (question, answer) pairs; the text is f"{question} {answer}" --------------------------------------
+def fact(r: random.Random) -> dict:
+    """An agreement + selection sentence, e.g. 'the cats eat bread .'"""
+    num = r.choice(["sg", "pl"])
+    cls = r.choice(list(VERBS))
+    sg, pl, objs = VERBS[cls]
+    det, noun, obj = r.choice(DET[num]), r.choice(NOUN[num]), r.choice(objs)
+    subj = f"{det} {noun}" if r.random() < 0.5 else f"{det} {r.choice(ADJ)} {noun}"
+    verb = sg if num == "sg" else pl
+    return {"num": num, "cls": cls, "subj": subj, "verb": verb, "obj": obj,
+            "question": f"{subj} {verb}", "answer": f"{obj} ."}
+
+
+def yesno(r: random.Random) -> dict:
+    """A fact, then a yes/no question about it: the object asked about is the stated one or another of its class."""
+    f = fact(r)
+    sg, pl, objs = VERBS[f["cls"]]
+    asked = f["obj"] if r.random() < 0.5 else r.choice([o for o in objs if o != f["obj"]])
+    aux = "does" if f["num"] == "sg" else "do"
+    q = f"{f['question']} {f['obj']} . question : {aux} {f['subj']} {pl} {asked} ? answer :"
+    return {**f, "asked": asked, "question": q, "answer": ("yes" if asked == f["obj"] else "no") + " ."}
+
+
+def pattern(r: random.Random, op: str | None = None) -> dict:
+    xs = [r.choice(LETTERS) for _ in range(r.randint(3, 5))]
+    op = op or r.choice(PATTERN_OPS)
+    ys = {"copy": xs, "reverse": xs[::-1], "sort": sorted(xs), "min": [min(xs)], "max": [max(xs)]}[op]
+    return {"op": op, "xs": xs, "ys": ys, "question": f"{op} {' '.join(xs)} =", "answer": f"{' '.join(ys)} ;"}
+
+
+def digits(n: int) -> str:
+    """A number as digit tokens, least significant first (47 -> '7 4'): carries then flow in reading order, which
+    a small model learns within the training budget (most-significant-first was not learned in 600 steps)."""
+    return " ".join(reversed(str(n)))
+
+
+def arithmetic(r: random.Random, op: str | None = None) -> dict:
+    a, b = r.randint(0, MAX_OPERAND), r.randint(0, MAX_OPERAND)
+    op = op or r.choice("+-")
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    c = a + b if op == "+" else a - b
+    return {"op": op, "a": a, "b": b, "c": c, "question": f"{digits(a)} {op} {digits(b)} =",
+            "answer": f"{digits(c)} ;"}
+
+
+def _language(r):
+    return fact(r) if r.random() < 0.75 else yesno(r)
+
+
+FAMILIES = {"language": _language, "patterns": pattern, "arithmetic": arithmetic}
+
+# documents per family in the training stream: arithmetic, the hardest family, gets twice the share
+TRAIN_WEIGHTS = {"language": 1, "patterns": 1, "arithmetic": 2}
+
+# name -> (seed offset, family weights): the embedded analogues of WikiText2 / C4 / Pile (paper Table 3)
+CALIBRATION_SETS = {
+    "balanced": (101, {"language": 1, "patterns": 1, "arithmetic": 1}),
+    "language": (202, {"language": 4, "patterns": 1, "arithmetic": 1}),
+    "structured": (303, {"language": 1, "patterns": 2, "arithmetic": 2}),
+}
+
+
+def draw(gen, r: random.Random, split: str) -> dict:
+    """Draw items from `gen` until one falls in `split` ('train' or 'heldout')."""
+    want = split == "heldout"
+    while True:
+        item = gen(r)
+        if is_heldout(item["question"]) == want:
+            return item
+
+
+def make_corpus(seed: int, docs_per_family: int, *, sentences_per_doc: int = 8, weights: dict | None = None,
+                split: str = "train") -> list[dict]:
+    """Documents of `sentences_per_doc` items each, `docs_per_family` x weight documents per family.
+
+    `split='train'` uses only non-held-out questions (training and calibration text); 'heldout' only held-out ones.
+    """
+    if split not in ("train", "heldout"):
+        raise AllocMoeError(f"unknown split {split!r}; allowed: train, heldout")
+    weights = weights or {f: 1 for f in FAMILIES}
+    r = random.Random(seed)
+    docs = []
+    for fam, gen in FAMILIES.items():
+        for _ in range(docs_per_family * weights.get(fam, 0)):
+            items = [draw(gen, r, split) for _ in range(sentences_per_doc)]
+            docs.append({"family": fam, "text": " ".join(f"{it['question']} {it['answer']}" for it in items)})
+    return docs
+
+
+def calibration_set(name: str, docs_per_family: int) -> list[dict]:
+    if name not in CALIBRATION_SETS:
+        raise AllocMoeError(f"unknown calibration set {name!r}; allowed: {', '.join(CALIBRATION_SETS)}")
+    seed, weights = CALIBRATION_SETS[name]
+    return make_corpus(seed, docs_per_family, weights=weights)
+
+
+def write_jsonl(path, docs: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(d) + "\n" for d in docs))
+
+
+def make_word_tokenizer():
+    """Word-level tokenizer over the closed vocabulary; adds <s> in front of every encoded text.
+
+    Saved with the trained model, it loads with `AutoTokenizer.from_pretrained(dir)`; decoding joins tokens with
+    spaces, which round-trips the corpus text exactly.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins word tokens with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
+                                   model_max_length=2048)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("make-corpus", help="write a deterministic synthetic .jsonl corpus (language, patterns, arithmetic)",
+                       description="Write a deterministic synthetic corpus with three task families as .jsonl "
+                                   "(training split: no held-out question appears).")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--seed", type=int, default=0, help="draw a balanced corpus with this seed")
+    g.add_argument("--calibration-set", choices=list(CALIBRATION_SETS),
+                   help="one of the three calibration mixes (fixed seed each; training split)")
+    p.add_argument("--docs-per-family", type=int, default=200)
+    p.add_argument("--split", choices=["train", "heldout"], default="train",
+                   help="train: no held-out question (training/calibration text); heldout: only held-out questions")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_make_corpus)
+
+
+def _cmd_make_corpus(args) -> int:
+    if args.docs_per_family < 1:
+        raise AllocMoeError(f"--docs-per-family must be >= 1, got {args.docs_per_family}")
+    if args.calibration_set:
+        docs = calibration_set(args.calibration_set, args.docs_per_family)
+    else:
+        docs = make_corpus(args.seed, args.docs_per_family, split=args.split)
+    write_jsonl(args.out, docs)
+    print(f"wrote {args.out}: {len(docs)} documents")
+    return 0

@@ -1,0 +1,1 @@
+"""Reproducibility machinery: provenance, run manifests, regression tracking, per-rule code hashes."""
