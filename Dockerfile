@@ -12,11 +12,14 @@ ARG CPU_BASE=python:3.11.13-slim-bookworm
 ARG GPU_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---- the workflow files both images run (one stage, so the targets cannot drift apart) ----
+# alloc_moe's sources too: the workflow hashes the code behind each job from <workflow dir>/alloc_moe
+# (code() in workflow/rules/common.smk), so /app has the repository's layout; jobs run the venv's identical copy.
 FROM scratch AS app
 COPY Snakefile /app/
 COPY config /app/config
 COPY workflow /app/workflow
 COPY envs /app/envs
+COPY alloc_moe /app/alloc_moe
 
 # ---- cpu: install into a venv in a build stage, copy only the venv into the runtime stage ----
 FROM ${CPU_BASE} AS cpu-build
