@@ -20,3 +20,13 @@ def test_cpu_image_builds_offline_and_passes_the_smoke_checks():
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "container smoke: OK" in res.stdout
     assert "import alloc_moe" in res.stdout and "snakemake -n jobs: total" in res.stdout
+
+
+def test_app_stage_has_the_repository_layout_the_workflow_hashes():
+    """Cheap, always run: the workflow hashes each job's code from <workflow dir>/alloc_moe (code() in common.smk),
+    so the images' /app must hold alloc_moe next to the Snakefile, or every `snakemake` in them fails at parse time."""
+    common = (ROOT / "workflow/rules/common.smk").read_text()
+    assert 'package_dir=Path(workflow.basedir, "alloc_moe")' in common
+    app = (ROOT / "Dockerfile").read_text().split("FROM scratch AS app", 1)[1].split("\nFROM ", 1)[0]
+    for path in ("Snakefile", "config", "workflow", "envs", "alloc_moe"):
+        assert f"COPY {path} /app/" in app, path
