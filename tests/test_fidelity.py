@@ -1,4 +1,4 @@
-"""The fidelity study's share of Uniform's loss recovered (README "Fidelity study"), against hand-computed values."""
+"""The fidelity study's share of Uniform's loss recovered (docs/results/fidelity.md), against hand-computed values."""
 
 import pandas as pd
 import pytest

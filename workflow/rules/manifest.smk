@@ -1,4 +1,4 @@
-# Manifest (README "Regression tracking"): results/summary/manifest.json ties every summary table to the resolved
+# Manifest (docs/guides/reproducibility.md): results/summary/manifest.json ties every summary table to the resolved
 # config (and its hash), the git commit, package versions and hardware, with the sha256 of each table it covers.
 # It is written after the last summary table and again whenever one of them, the config or its code changes.
 from alloc_moe.harness.manifest import config_hash
