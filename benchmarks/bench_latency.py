@@ -5,7 +5,7 @@
 Builds the zoo model `deepseek-v2-lite --width full` in memory (random weights, default router init), makes the
 half-budget plans Uniform top-k, Alloc-L top-k (Algorithm 1 sensitivity on a small synthetic calibration set),
 Uniform + Alloc-T and Alloc-L + Alloc-T (k_base 1), and measures them against the original with
-`alloc_moe.stages.latency.measure_hf`, interleaved run by run (batch 8, prompt 32). Speedups are taken on the fastest run of each label (the machine is
+`alloc_moe.backends.hf.latency.measure_hf`, interleaved run by run (batch 8, prompt 32). Speedups are taken on the fastest run of each label (the machine is
 shared: other work only adds time), with the median of per-run ratios next to them. Prints a markdown report: each plan's
 speedup next to the ideal (Amdahl on the measured expert share) and the paper's 1.15x / 1.34x, and the goal
 check: every plan's decode speedup >= 0.95 x Uniform top-k's.
@@ -23,7 +23,8 @@ from alloc_moe.data.text import load_calibration, tokenize_windows
 from alloc_moe.data.zoo import make_model, make_tokenizer
 from alloc_moe.harness.provenance import environment
 from alloc_moe.io import atomic_write_text
-from alloc_moe.stages.latency import Protocol, measure_hf, summarize, write_rows
+from alloc_moe.backends.hf.latency import measure_hf
+from alloc_moe.stages.latency import Protocol, summarize, write_rows
 from alloc_moe.stages.profile import profile_perplexity
 
 PAPER = {"prefill": 1.15, "decode": 1.34}  # DeepSeek-V2-Lite, B = 78 of 156, H100, vLLM

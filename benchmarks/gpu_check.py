@@ -12,7 +12,7 @@ deadline stops gracefully, and a watchdog writes what there is and exits if a se
   (b) counted pairs: half-budget plans (top-k K_orig/2, alloc-t K_orig/2, alloc-t fractional) compute exactly
   T*K_l (top-k) / floor(T*k_l) (alloc-t) rows per layer, counted where they reach the expert GEMMs
   (`ExpertRowCounter`) and by `RoutingStats`, on a prefill and on a decode step;
-  (c) latency: `alloc_moe.stages.latency.measure_hf` (CUDA events) with batch 8, prompt 32, decode 32, warm-up 2, runs 5,
+  (c) latency: `alloc_moe.backends.hf.latency.measure_hf` (CUDA events) with batch 8, prompt 32, decode 32, warm-up 2, runs 5,
   interleaved: original, Uniform top-k and Uniform + Alloc-T (k_base 1) at half budget; speedups next to
   `ideal_speedup` on the measured expert share.
 - `alloc-t-graphs`: `alloc_t` [T, E] and `alloc_t_slots` [T, K] (with a padding mask) under
@@ -198,7 +198,7 @@ def environment(device: torch.device) -> dict:
         except (OSError, subprocess.SubprocessError) as e:
             env["nvidia_smi"] = one_line(e)
     else:
-        from alloc_moe.stages.latency import _cpu_name
+        from alloc_moe.backends.hf.latency import _cpu_name
 
         env["gpu"] = None
         env["cpu"] = _cpu_name()
@@ -276,7 +276,8 @@ def section_hf_deepseek(ctx: Ctx) -> dict:
     from alloc_moe import apply
     from alloc_moe.backends.hf.apply import ExpertRowCounter, moe_layers
     from alloc_moe.data import zoo
-    from alloc_moe.stages.latency import Protocol, measure_hf, summarize
+    from alloc_moe.backends.hf.latency import measure_hf
+    from alloc_moe.stages.latency import Protocol, summarize
 
     a, dev, out = ctx.args, ctx.device, ctx.out
     width = "tiny" if ctx.smoke else "full"

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+from alloc_moe.backends.hf import latency as hf_latency
 from alloc_moe.backends.hf.apply import moe_layers
+from alloc_moe.backends.hf.latency import measure_hf
 from alloc_moe.cli import main
 from alloc_moe.core.plan import Plan
 from alloc_moe.data import zoo
@@ -17,7 +19,6 @@ from alloc_moe.stages.latency import (
     BackendResult,
     Protocol,
     ideal_speedup,
-    measure_hf,
     summarize,
 )
 
@@ -53,7 +54,7 @@ class FakeClock:
 def test_phases_are_separate_and_decode_is_per_step(monkeypatch):
     model = tiny()
     clock = FakeClock(model)
-    monkeypatch.setattr(latency.time, "perf_counter", clock)
+    monkeypatch.setattr(hf_latency.time, "perf_counter", clock)
     plans = [("original", None), ("half", plan_for(model, [1, 1]))]
     res = measure_hf(model, plans, Protocol(batch=B, prompt=P, decode=D, warmup=1, runs=2))
     per_forward = 1000.0 + 2 * 250.0  # one forward = 1 s + two MoE layers x 0.25 s
@@ -148,7 +149,7 @@ def no_model_load(monkeypatch):
     (["--prompt", "0"], "prompt must be a positive integer"),
     (["--runs", "0"], "runs must be a positive integer"),
     (["--warmup", "-1"], "warmup must be an integer >= 0"),
-    (["--backend", "vllm-nope"], "unknown latency backend"),
+    (["--backend", "vllm-nope"], "unknown backend 'vllm-nope'; allowed: hf, vllm"),
     (["--dtype", "float8"], "unknown dtype"),
 ])
 def test_bad_protocol_is_one_line_before_loading(tmp_path, capsys, no_model_load, extra, needle):

@@ -97,7 +97,7 @@ def test_embedded_default_through_vllm_dry_run(tmp_path):
 
 def test_vllm_auto_dtype_is_the_checkpoints(tmp_path):
     """`auto` on the vllm backend means the checkpoint's dtype, as on the hf backend (vLLM's own `auto` would run a
-    float32 checkpoint in bfloat16 on CPU); explicit dtypes and hub ids pass through."""
+    float32 checkpoint in bfloat16 on CPU); explicit dtypes pass through; no config found: float32 (`base.resolve_dtype`)."""
     from alloc_moe.backends.vllm.engine import resolve_dtype
 
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
@@ -105,5 +105,5 @@ def test_vllm_auto_dtype_is_the_checkpoints(tmp_path):
     assert resolve_dtype("bfloat16", str(tmp_path)) == "bfloat16"
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     assert resolve_dtype("auto", str(tmp_path)) == "bfloat16"
-    assert resolve_dtype("auto", "org/hub-model") == "auto"
-    assert resolve_dtype("auto", None) == "auto"
+    assert resolve_dtype("auto", "org/hub-model-not-cached") == "float32"
+    assert resolve_dtype("auto", None) == "float32"

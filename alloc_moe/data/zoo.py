@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends.base import DTYPES
 from ..backends.hf.model import moe_layers
 
 # transformers and tokenizers are imported where they are used: building the CLI parser imports this module
@@ -301,7 +302,7 @@ def num_experts(model) -> int:
     return ns.pop()
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def register_cli(subparsers) -> None:

@@ -8,6 +8,8 @@ What counts as used (an over-approximation of what can execute, never an under-a
 - imports inside a function or class run when that def is used: `import m` / `from pkg import m` / an entry module
   use all of m's defs, `from m import f` uses f and the defs f names in m (transitively), and names referenced by
   m's module-level statements (registries like `{"name": func}`) count as used whenever m is;
+- a string constant "alloc_moe.<module>:<Name>" (a lazy registry entry, e.g. `backends.base.BACKENDS`) imports Name
+  from that module, as `from alloc_moe.<module> import Name` would at the same place;
 - relative and absolute imports of the package both count; `import io` is the standard library, not `alloc_moe.io`;
 - package data: a string constant in a used module that names a non-Python subdirectory of the module's own
   package or of the package root (e.g. "configs" next to data/zoo.py, "schemas") adds every file under it.
@@ -17,6 +19,7 @@ Imports by computed name (`importlib.import_module(f"alloc_moe.{x}")`) are invis
 import ast
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from ..errors import AllocMoeError
 PACKAGE = "alloc_moe"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # alloc_moe/
 ALL = None  # "every def of the module is used"
+_LAZY = re.compile(PACKAGE + r"(\.\w+)+:\w+")  # "alloc_moe.backends.hf.backend:HFBackend"
 
 
 @dataclass
@@ -80,6 +84,9 @@ def _parse(name: str, path: Path, exists) -> _Module:
                 refs.add(node.id)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 module.strings.add(node.value)
+                if _LAZY.fullmatch(node.value) and exists(node.value.partition(":")[0]):
+                    target, _, attr = node.value.partition(":")
+                    imports.append((target, frozenset([attr])))
     return module
 
 

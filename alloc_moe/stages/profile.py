@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..backends.base import DTYPE_HELP
 from ..backends.hf.model import MoeLayer, moe_layers
 from ..backends.hf.perplexity import nll_from_logits, window_nll
 from ..errors import AllocMoeError
@@ -247,7 +248,7 @@ def register_cli(sub) -> None:
     p.add_argument("--lexi-draws", type=int, default=4, help="lexi: draws averaged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--experts-implementation", choices=["eager", "grouped_mm", "batched_mm"], default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from ...errors import AllocMoeError
+from ..base import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the torch dtype of each of `base.DTYPES`
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -24,12 +25,11 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise AllocMoeError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def torch_dtype(dtype: str | None, model: str | None) -> torch.dtype:
+    """The torch dtype `dtype` means for `model` (`auto`: the checkpoint's own, `alloc_moe.backends.base.resolve_dtype`)."""
+    from ..base import resolve_dtype
+
+    return TORCH_DTYPES[resolve_dtype(dtype, model)]
 
 
 def is_hub_id(name: str) -> bool:
@@ -70,7 +70,8 @@ def resolved_commit(ref: str) -> str | None:
 
 def load_model(name: str, *, device: str | None = None, dtype: str | None = None, experts_implementation: str | None = None,
                progress: bool = True):
-    """(model, tokenizer) in eval mode for a model reference (local directory, hub id, hub id@revision). Never runs
+    """(model, tokenizer) in eval mode for a model reference (local directory, hub id, hub id@revision), in `dtype`
+    (`auto`: the checkpoint's own dtype as its config.json records it, float32 when it records none). Never runs
     remote code: DeepSeek-V2-Lite uses transformers' native `deepseek_v2` classes. Offline (HF_HUB_OFFLINE=1) a hub id
     loads from the hub cache (a stage's `hub/`, see `alloc_moe.data.stage`), else fails with a one-line error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,7 +85,7 @@ def load_model(name: str, *, device: str | None = None, dtype: str | None = None
     if not os.path.isdir(name) and not is_hub_id(name):
         raise AllocMoeError(f"model directory not found: {name} (give a local model directory or a hub id like org/name)")
     dev = pick_device(device)
-    kwargs = {"dtype": pick_dtype(dtype, dev), "trust_remote_code": False}
+    kwargs = {"dtype": torch_dtype(dtype, ref), "trust_remote_code": False}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ...core.plan import Plan
 from ...errors import AllocMoeError
+from ..base import DTYPES, check_dtype, resolve_dtype  # noqa: F401 - resolve_dtype: `auto` as every backend means it
 from . import options as vllm_options
 from .plugin import PLAN_ENV, register
 from .routing import SCOPE_ENV
@@ -46,7 +47,6 @@ CUDA_DEFAULTS = {"enforce_eager": False, "gpu_memory_utilization": vllm_options.
 ENGINE_ARGS = ("moe_backend", "gpu_memory_utilization", "distributed_executor_backend", "tensor_parallel_size",
                "max_logprobs", "enable_prefix_caching")
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 GIB = 1 << 30
 MEMORY_WAIT_S = 120.0  # after a shutdown on CUDA, wait at most this long for the engine's memory to be free again
 MEMORY_SLACK = 512 << 20  # bytes of free memory short of the level before the engine that count as "back"
@@ -91,20 +91,6 @@ def model_engine_args(model: str) -> dict:
     if config.get("kv_lora_rank") and rope_type == "default":
         return {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
     return {}
-
-
-def resolve_dtype(dtype: str, model: str | None) -> str:
-    """`auto` as transformers means it, the checkpoint's own dtype (config.json `dtype` / `torch_dtype`), so the hf and
-    vllm backends evaluate one checkpoint at one precision: vLLM's own `auto` runs a float32 checkpoint in half
-    precision (bfloat16 on CPU). A hub id, or a config without a dtype, keeps vLLM's `auto`."""
-    if dtype != "auto" or model is None:
-        return dtype
-    try:
-        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return dtype
-    own = config.get("dtype") or config.get("torch_dtype")
-    return own if own in DTYPES else dtype
 
 
 def on_cuda() -> bool:
@@ -155,10 +141,9 @@ def _resolved_overrides(overrides: dict, cuda: bool) -> dict:
 def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, mode: str = "auto", cuda: bool | None = None,
                   **overrides) -> dict:
     """LLM(...) keyword arguments: scheduler settings, the device's defaults for `mode` (`device_defaults`; `cuda`
-    None = `on_cuda()`), dtype (`resolve_dtype`), seed, `model_engine_args(model)`, overrides (None = not given; an
+    None = `on_cuda()`), dtype (`resolve_dtype`: `auto` is the checkpoint's own, `base.resolve_dtype`), seed, `model_engine_args(model)`, overrides (None = not given; an
     explicit `enforce_eager` wins over `mode`)."""
-    if dtype not in DTYPES:
-        raise AllocMoeError(f"unknown dtype {dtype!r} for the vllm backend; allowed: {', '.join(DTYPES)}")
+    check_dtype(dtype)
     allowed = {*SCHEDULER, *CUDA_DEFAULTS, *ENGINE_ARGS}
     unknown = set(overrides) - allowed
     if unknown:

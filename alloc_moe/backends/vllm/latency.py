@@ -1,4 +1,4 @@
-"""Latency through a vLLM engine with a plan (`latency.LATENCY_BACKENDS["vllm"]`).
+"""Latency through a vLLM engine with a plan (`backend.VLLMBackend.measure_latency`).
 
 One engine per plan (plans are applied at model load, before compilation), each checked against the GPU's free
 memory before it starts and torn down completely before the next (`engine.check_free_memory`, `engine.shutdown`).
@@ -20,7 +20,7 @@ from . import engine
 
 
 def _prompts(model: str, batch: int, prompt: int, seed: int) -> list[list[int]]:
-    """[B, P] seeded random ids below the model's vocab_size: the same prompts as the hf backend (`latency._inputs`)."""
+    """[B, P] seeded random ids below the model's vocab_size: the same prompts as the hf backend (`backends.hf.latency._inputs`)."""
     from transformers import AutoConfig
 
     name, revision = split_ref(model)

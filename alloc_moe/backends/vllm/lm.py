@@ -1,4 +1,4 @@
-"""lm-eval's `vllm` model with a plan: the accuracy backend `vllm` (`accuracy.ACCURACY_BACKENDS["vllm"]`).
+"""lm-eval's `vllm` model with a plan: the `vllm` backend's `make_lm` (`backend.VLLMBackend`).
 
 `make_lm` checks the plan against the checkpoint before any engine starts, hands the plan to the engine processes
 (`engine.plan_env`), fixes the scheduler settings that decide batch composition (`engine.SCHEDULER`; override them

@@ -1,0 +1,202 @@
+"""One interface for every inference backend, a registry of them by name, and what `--dtype auto` means.
+
+A backend is one object (`Backend` subclass) registered by name in `BACKENDS`; the stages reach backends only through
+`get_backend(name)` (`alloc-moe eval` and `alloc-moe latency`, whose `--backend` lists the registry). Today: `hf`
+(transformers, `alloc_moe.backends.hf.backend`) and `vllm` (`alloc_moe.backends.vllm.backend`).
+
+Adding a backend (say SGLang)
+-----------------------------
+1. A subpackage `alloc_moe/backends/<name>/` with a `Backend` subclass whose module imports WITHOUT the engine
+   installed (import the engine inside the methods); set `name`, `extra` (the pip extra that installs it) and
+   `requires` (the modules it needs: `get_backend` checks them and fails with one line naming the extra).
+2. One entry in `BACKENDS`: `"<name>": "alloc_moe.backends.<name>.backend:<Class>"` (imported lazily).
+3. Implement (every method may raise `self.unsupported("...")`, a one-line `AllocMoeError`, for what the engine
+   cannot do; vLLM, for instance, applies plans at engine load through its plugin, not on a model object):
+   - `load(model, *, dtype, device, **kw)` -> the loaded model object (HF: `(model, tokenizer)`).
+   - `apply(model, plan)` -> context manager: `plan` (None = the original) applied to the loaded model for the block,
+     the model bit-identical to the unpatched one afterwards.
+   - `make_lm(model, plan, *, batch_size, dtype, device, seed, stats=None, **engine_args)` -> context manager yielding
+     an lm-eval LM with the plan applied (`stats`: a `RoutingStats` to fill, or refuse it with one line); an
+     `alloc_moe_record` dict on the LM is stored with the scores as the engine's provenance.
+   - `measure_latency(model_path, plans, protocol, **engine_args)` -> `stages.latency.BackendResult` (the contract,
+     protocol and rows are in `alloc_moe.stages.latency`'s docstring).
+   - `resolve_dtype(dtype, model)`: keep the default (`resolve_dtype` below) so `auto` means one thing everywhere.
+   - optional: `routing_stats = True` when `make_lm` fills `stats` (then `eval` records computed pairs and allows
+     `--perplexity`, which also needs `load`); `engine_layers(model, dtype, device)` (default: from config.json).
+4. Pass the shared tests a backend must pass (the `hf` and `vllm` versions name the file):
+   - the interface and the registry: `tests/test_backends.py` (add the name to its parametrisations: every method
+     present, constructing without the engine works, using it fails with one line naming the extra);
+   - parity with HF on a zoo model under one plan (vLLM: `tests/test_vllm_backend.py::test_parity_with_hf`,
+     lm-eval scores `tests/test_vllm_lm_eval.py::test_vllm_eval_matches_hf`);
+   - pairs counted at the expert kernel equal the plan's (T*K_l top-k, floor(T*k_l) Alloc-T; HF:
+     `tests/test_hf_backend.py`, vLLM: `tests/test_vllm_backend.py::test_pairs_at_the_kernel_follow_the_plan`);
+   - K_orig plans bit-identical to the original model (HF: `tests/test_hf_backend.py`, vLLM:
+     `tests/test_vllm_backend.py::test_k_orig_plan_is_identical_to_unpatched`);
+   - the start-up errors are one line before any model loads (unknown name, missing extra, bad dtype, bad engine
+     settings, a plan that does not fit: `tests/test_backends.py`, `tests/test_accuracy.py`, `tests/test_latency.py`,
+     `tests/test_vllm_settings.py`);
+   - latency rows in the contract's shape (`tests/test_latency.py`, `tests/test_vllm_latency.py`).
+
+`--dtype auto`
+--------------
+`auto` means, for every backend and command: the checkpoint's own dtype as its config.json records it (`dtype`, or
+the older `torch_dtype`); float32 when it records none (or when no config.json is found: a hub id not in the local hub
+cache). So a bfloat16 checkpoint runs in bfloat16 on CPU too; give `--dtype float32` for full precision there.
+Checkpoints written by `alloc-moe train` and the zoo record float32. `DTYPES` lists the explicit values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+from ..errors import AllocMoeError
+
+DTYPES = ("float32", "bfloat16", "float16")
+AUTO_DTYPE = "float32"  # what auto means when the checkpoint records no dtype
+DTYPE_HELP = ("auto (default): the checkpoint's own dtype from its config.json (dtype / torch_dtype), float32 when it "
+              "records none, so a bfloat16 checkpoint runs in bfloat16 on CPU too; or " + ", ".join(DTYPES))
+
+# name -> "module:Class", imported on first use (a backend's engine is an optional dependency).
+BACKENDS: dict[str, str] = {
+    "hf": "alloc_moe.backends.hf.backend:HFBackend",
+    "vllm": "alloc_moe.backends.vllm.backend:VLLMBackend",
+}
+
+
+def _config(model: str) -> dict | None:
+    """config.json of a local model directory, or of a hub id (`org/name[@revision]`) in the local hub cache."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        from .hf.loading import is_hub_id, split_ref
+
+        name, revision = split_ref(model)
+        if not is_hub_id(name):
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json", revision=revision or "main")
+        except Exception:  # noqa: BLE001 - a malformed hub id: no cached config
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AllocMoeError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return config if isinstance(config, dict) else None
+
+
+def checkpoint_dtype(model: str | None) -> str | None:
+    """The dtype a checkpoint's config.json records (`dtype`, else `torch_dtype`), or None."""
+    config = _config(model) if model is not None else None
+    if not config:
+        return None
+    own = config.get("dtype") or config.get("torch_dtype")
+    return str(own).removeprefix("torch.") if own else None
+
+
+def resolve_dtype(dtype: str | None, model: str | None) -> str:
+    """`dtype` as one of `DTYPES`: explicit values pass through (checked); `auto` (or None) is the checkpoint's own
+    dtype as its config.json records it, float32 when it records none. One-line error otherwise."""
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise AllocMoeError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+        return dtype
+    own = checkpoint_dtype(model)
+    if own is None:
+        return AUTO_DTYPE
+    if own not in DTYPES:
+        raise AllocMoeError(f"model {model}: its config.json records dtype {own!r}, which --dtype auto cannot run; "
+                            f"give --dtype {' / '.join(DTYPES)}")
+    return own
+
+
+def check_dtype(dtype: str) -> None:
+    """One line for a `--dtype` that is neither auto nor one of `DTYPES` (before any model loads)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise AllocMoeError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+
+
+class Backend:
+    """An inference backend; see the module docstring for the contract of each method."""
+
+    name: str = ""
+    extra: str | None = None  # pip extra that installs the engine, named in the missing-dependency error
+    requires: tuple[str, ...] = ()  # modules the backend needs beyond alloc_moe's own dependencies
+    routing_stats: bool = False  # make_lm fills a `RoutingStats` (computed pairs); perplexity needs such a backend
+
+    # ---- availability
+    def missing(self) -> str | None:
+        """The first module of `requires` that cannot be imported, or None."""
+        for mod in self.requires:
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    return mod
+            except (ImportError, ValueError):
+                return mod
+        return None
+
+    def require(self) -> None:
+        """One line naming the extra to install when the engine is missing."""
+        mod = self.missing()
+        if mod is not None:
+            raise AllocMoeError(f"backend {self.name!r} needs {mod}, which is not installed; install the extra: "
+                                f"{self.extra}")
+
+    def unsupported(self, what: str) -> AllocMoeError:
+        return AllocMoeError(f"the {self.name} backend cannot {what}")
+
+    # ---- the interface
+    def load(self, model: str, *, dtype: str = "auto", device: str = "auto", **kw):
+        raise self.unsupported("load a model object in this process")
+
+    @contextlib.contextmanager
+    def apply(self, model, plan):
+        raise self.unsupported("apply a plan to a loaded model object")
+        yield  # pragma: no cover
+
+    @contextlib.contextmanager
+    def make_lm(self, model: str, plan, *, batch_size: int, dtype: str, device: str, seed: int, stats=None,
+                **engine_args):
+        raise self.unsupported("build an lm-eval LM")
+        yield  # pragma: no cover
+
+    def measure_latency(self, model_path: str, plans, protocol, **engine_args):
+        raise self.unsupported("measure latency")
+
+    def resolve_dtype(self, dtype: str | None, model: str | None) -> str:
+        return resolve_dtype(dtype, model)
+
+    def engine_layers(self, model: str, dtype: str, device: str):
+        """The MoE layers of `model` as `backends.hf.model.MoELayer`s, for K_orig and the layer count of result
+        rows; by default read from config.json (no model loaded)."""
+        from .hf.model import config_moe_layers
+
+        return config_moe_layers(model)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def backend_names() -> list[str]:
+    return list(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend `name`, ready to use: one line for an unknown name (listing the allowed ones) or a
+    missing optional dependency (naming the extra to install)."""
+    if name not in BACKENDS:
+        raise AllocMoeError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    try:
+        backend = getattr(importlib.import_module(module), cls)()
+    except ImportError as e:
+        raise AllocMoeError(f"backend {name!r} cannot be imported ({e.name or e} is missing)") from None
+    backend.require()
+    return backend
