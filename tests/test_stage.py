@@ -265,6 +265,7 @@ def _snakemake(work: Path, *args: str, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, check=False)
 
 
+@pytest.mark.workflow
 def test_workflow_runs_from_the_stage_offline_and_fails_without_it(hub, tmp_path):
     """A download and an accuracy job for real, offline: the text is copied from the stage, the checkpoint loads from
     its staged snapshot (its config gives the DAG the MoE layer count), lm-eval reads the staged dataset. The same run
