@@ -1,7 +1,7 @@
 """The torch stand-ins for vLLM's CUDA-only MoE ops (`alloc_moe.backends.vllm.kernel_check`), on hand-made cases.
 
 They replace `moe_align_block_size`, `moe_sum` and `silu_and_mul` when vLLM's real Triton experts run on CPU under
-Triton's interpreter (tests/test_vllm_triton_interpret.py), so their semantics are pinned here by hand. No vLLM
+Triton's interpreter (tests/backends/test_vllm_triton_interpret.py), so their semantics are pinned here by hand. No vLLM
 needed.
 """
 

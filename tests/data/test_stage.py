@@ -23,7 +23,7 @@ from alloc_moe.data import stage as st
 from alloc_moe.errors import AllocMoeError
 from alloc_moe.io import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 REPO = "fakeorg/TinyMoE"
 TEXT = [f" = Section {i} = \n line {i} of the stand-in WikiText . \n" for i in range(120)]
