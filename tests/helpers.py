@@ -16,30 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-# The tiny workflow config: one run of it (conftest's session fixture `tiny_run`) is shared by the workflow and report
-# tests. Besides the evaluated methods, one method is timed but never evaluated (ascending + top-k), so that the
-# report's trade-off join (accuracy x latency) has a method on each side to leave out.
-TINY = """
-models:
-  tiny:
-    train: {arch: olmoe, width: tiny, layers: 3, steps: 20, batch_size: 4, seq_len: 16}
-    budgets: [4, 5]
-calibration: {default: balanced, sets: [balanced, language], docs_per_family: 4}
-evaluation: {docs_per_family: 2, seq_len: 32}
-profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
-accuracy: {batch_size: 32, limit: 8}
-methods:
-  - {layer: uniform, token: topk}
-  - {layer: alloc-l, token: alloc-t}
-  - {layer: lexi, token: topk}
-  - {layer: uniform, token: top-p}
-k_base_sweep: [0, 1, 2]
-calibration_sweep: true
-latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 2, dtype: float32,
-          methods: [{layer: uniform, token: topk}, {layer: lexi, token: topk}, {layer: alloc-l, token: alloc-t},
-                    {layer: ascending, token: topk}]}
-exact_budget: true
-"""
+# The tiny workflow config (a file, as the test configs of the Snakemake catalog are): one run of it (conftest's
+# session fixture `tiny_run`) is shared by the workflow and report tests.
+TINY = (ROOT / ".test/config/tiny.yaml").read_text()
 
 
 def require_snakemake():

@@ -16,22 +16,7 @@ from helpers import ROOT, dry_run_jobs, snakemake, snakemake_over_default
 # width small: head_dim 32 (the tiny width's 16 is refused by vLLM's CPU attention). One budget; Uniform (every figure
 # needs one of its methods) and Alloc-MoE, evaluated in one job (two engines one after the other in one process), and
 # the latency of the original and Alloc-MoE: 5 engine starts.
-VLLM_TINY = """
-models:
-  tiny:
-    train: {arch: olmoe, width: small, layers: 2, steps: 10, batch_size: 4, seq_len: 16}
-    budgets: [4]
-    backend: vllm
-calibration: {default: balanced, sets: [balanced], docs_per_family: 4}
-evaluation: {docs_per_family: 2, seq_len: 32}
-profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
-accuracy: {batch_size: 32, limit: 4}
-methods:
-  - {layer: uniform, token: topk}
-  - {layer: alloc-l, token: alloc-t}
-latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 1, dtype: float32, methods: [{layer: alloc-l, token: alloc-t}]}
-exact_budget: true
-"""
+VLLM_TINY = (ROOT / ".test/config/vllm-tiny.yaml").read_text()
 PLAN = "alloc-l__alloc-t__kb1__balanced__B4"
 
 
