@@ -245,6 +245,7 @@ except AllocMoeError as e:
 """
 
 
+@pytest.mark.slow
 def test_offline_loads_read_the_staged_caches(hub):
     """The project's loaders (hub id at a branch or a commit), config reading, the commit the run manifest records,
     and `datasets` as lm-eval calls it, with the hub off and the caches pointing into the stage."""
@@ -321,6 +322,7 @@ def paper_stage(tmp_path_factory):
     return d, config, want
 
 
+@pytest.mark.slow  # the paper_stage fixture: about 20 s
 def test_paper_needs_are_the_papers_downloads(paper_stage):
     _, _, want = paper_stage
     from alloc_moe.data.tasks import suite
@@ -337,6 +339,7 @@ def test_paper_needs_are_the_papers_downloads(paper_stage):
         ("wikitext2", "validation", 4000000)}
 
 
+@pytest.mark.slow
 def test_paper_dry_run_resolves_from_the_stage(paper_stage, tmp_path):
     """`snakemake -n` of config/paper.yaml with offline.stage_dir: the stage is checked, every job resolves, and the
     checkpoints are passed as their staged snapshot folders. One missing item stops it before any job, in one line."""

@@ -45,6 +45,7 @@ def _resources(log: str) -> dict[str, dict[str, str]]:
     return out
 
 
+@pytest.mark.slow  # a full dry run of the embedded default per profile: 20-30 s each under load
 @pytest.mark.parametrize("profile", ["slurm", "kubernetes"])
 def test_profile_loads_and_maps_gpu_memory_runtime(profile, tmp_path):
     extra = ["--default-storage-prefix", str(tmp_path / "store")] if profile == "kubernetes" else []
