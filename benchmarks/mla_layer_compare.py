@@ -1,4 +1,4 @@
-"""Layer-by-layer vLLM (CPU build) vs transformers on the zoo DeepSeek-V2 of tests/test_vllm_backend.py, no plan.
+"""Layer-by-layer vLLM (CPU build) vs transformers on the zoo DeepSeek-V2 of tests/backends/test_vllm_backend.py, no plan.
 
 Runs one in-process eager engine (fp32), hooks every decoder layer's attention and MLP outputs on both sides, and
 prints the max |vLLM - HF| per module, first with vLLM's CPU rotary op (the default), then with its PyTorch RoPE

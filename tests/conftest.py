@@ -1,5 +1,19 @@
+"""Session-scoped fixtures shared across test files.
+
+`tiny_run`: ONE finished run of the tiny workflow (helpers.TINY), made once per session and shared by the workflow
+and report tests. It is read-only for its users: a test that changes a run works on a copy (`shutil.copytree`), and
+dry runs (`snakemake -n`) write no outputs. `tiny_report`: the same run plus `snakemake --report` (adds only
+results/report.html).
+
+Every test that uses either is marked `workflow` and `slow` here (pytest_collection_modifyitems), so that
+`-m "not workflow"` leaves them out without building the run.
+"""
+
+import json
+
 import pytest
 import torch
+from helpers import TINY, snakemake
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -9,3 +23,32 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny workflow run to completion (the README's `snakemake --cores 2` on helpers.TINY): its directory."""
+    work = tmp_path_factory.mktemp("tiny-run")
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(TINY)
+    res = snakemake(work, "--cores", "2", "--quiet")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="session")
+def tiny_report(tiny_run):
+    """`snakemake --report` on the shared tiny run: (run directory, report HTML, the report's `results` object)."""
+    res = snakemake(tiny_run, "--report", "results/report.html")  # no --cores: the README's command as written
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = (tiny_run / "results" / "report.html").read_text()
+    line = next(x for x in text.splitlines() if x.strip().startswith("var results = {"))
+    results = json.loads(line.strip().removeprefix("var results = ").rstrip(";"))
+    return tiny_run, text, results
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if {"tiny_run", "tiny_report"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.workflow)
+            item.add_marker(pytest.mark.slow)

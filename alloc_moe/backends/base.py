@@ -24,18 +24,18 @@ Adding a backend (say SGLang)
    - optional: `routing_stats = True` when `make_lm` fills `stats` (then `eval` records computed pairs and allows
      `--perplexity`, which also needs `load`); `engine_layers(model, dtype, device)` (default: from config.json).
 4. Pass the shared tests a backend must pass (the `hf` and `vllm` versions name the file):
-   - the interface and the registry: `tests/test_backends.py` (add the name to its parametrisations: every method
+   - the interface and the registry: `tests/backends/test_backends.py` (add the name to its parametrisations: every method
      present, constructing without the engine works, using it fails with one line naming the extra);
-   - parity with HF on a zoo model under one plan (vLLM: `tests/test_vllm_backend.py::test_parity_with_hf`,
-     lm-eval scores `tests/test_vllm_lm_eval.py::test_vllm_eval_matches_hf`);
+   - parity with HF on a zoo model under one plan (vLLM: `tests/backends/test_vllm_backend.py::test_parity_with_hf`,
+     lm-eval scores `tests/backends/test_vllm_lm_eval.py::test_vllm_eval_matches_hf`);
    - pairs counted at the expert kernel equal the plan's (T*K_l top-k, floor(T*k_l) Alloc-T; HF:
-     `tests/test_hf_backend.py`, vLLM: `tests/test_vllm_backend.py::test_pairs_at_the_kernel_follow_the_plan`);
-   - K_orig plans bit-identical to the original model (HF: `tests/test_hf_backend.py`, vLLM:
-     `tests/test_vllm_backend.py::test_k_orig_plan_is_identical_to_unpatched`);
+     `tests/backends/test_hf_backend.py`, vLLM: `tests/backends/test_vllm_backend.py::test_pairs_at_the_kernel_follow_the_plan`);
+   - K_orig plans bit-identical to the original model (HF: `tests/backends/test_hf_backend.py`, vLLM:
+     `tests/backends/test_vllm_backend.py::test_k_orig_plan_is_identical_to_unpatched`);
    - the start-up errors are one line before any model loads (unknown name, missing extra, bad dtype, bad engine
-     settings, a plan that does not fit: `tests/test_backends.py`, `tests/test_accuracy.py`, `tests/test_latency.py`,
-     `tests/test_vllm_settings.py`);
-   - latency rows in the contract's shape (`tests/test_latency.py`, `tests/test_vllm_latency.py`).
+     settings, a plan that does not fit: `tests/backends/test_backends.py`, `tests/stages/test_accuracy.py`, `tests/stages/test_latency.py`,
+     `tests/backends/test_vllm_settings.py`);
+   - latency rows in the contract's shape (`tests/stages/test_latency.py`, `tests/backends/test_vllm_latency.py`).
 
 `--dtype auto`
 --------------

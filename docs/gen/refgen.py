@@ -1,5 +1,5 @@
 """Reference pages generated from the code at build time (called by `docs/gen/gen_pages.py` under mkdocs-gen-files,
-and by tests/test_docs.py): the CLI reference from `alloc_moe.cli.build_parser()`, the configuration reference from
+and by tests/docs/test_docs.py): the CLI reference from `alloc_moe.cli.build_parser()`, the configuration reference from
 `workflow/schemas/config.schema.yaml`, and one API page per module found on disk under `alloc_moe/`.
 
 Nothing here lists a module, a subcommand or a config key by hand: a new one appears on the next build. A config key

@@ -9,7 +9,7 @@ having been written shows up as NaN.
 
 It runs on a GPU as it is, and on a CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before Triton is
 imported; see `enable_interpreter`). vLLM's CUDA-only custom ops have no CPU kernel; `torch_ops()` gives torch
-functions of the same semantics (tested against hand-made cases in tests/test_kernel_check.py):
+functions of the same semantics (tested against hand-made cases in tests/backends/test_kernel_check.py):
 
 - `moe_align_block_size`: pairs sorted by expert, each expert's rows padded to a multiple of `block_size` with the
   sentinel `topk_ids.numel()`, ids < 0 skipped (as the CUDA kernel's `get_local_expert_id` does);

@@ -11,7 +11,7 @@ Which tokens compete in Alloc-T (`ALLOC_MOE_ALLOC_T_SCOPE`): `step` (default, th
 one engine step, so the result depends on batch composition) or `sequence` (each request's tokens of the step
 compete among themselves; reads the step's query_start_loc, one host sync per layer).
 
-CUDA graphs / torch.compile: the `step` scope is static-shape and sync-free (tests/test_vllm_routing_graphs.py traces
+CUDA graphs / torch.compile: the `step` scope is static-shape and sync-free (tests/backends/test_vllm_routing_graphs.py traces
 it with no host-syncing op, compiles it fullgraph, and shows that padding rows spend no budget). Tokens vLLM adds to
 fill a captured graph's size are flagged in the forward context's `is_padding` (vLLM >= 0.27; 0.32 sets it in
 `gpu_model_runner`): they get no experts and do not count in T. The `sequence` scope needs a host sync and the step's

@@ -1,7 +1,7 @@
 """The torch stand-ins for vLLM's CUDA-only MoE ops (`alloc_moe.backends.vllm.kernel_check`), on hand-made cases.
 
 They replace `moe_align_block_size`, `moe_sum` and `silu_and_mul` when vLLM's real Triton experts run on CPU under
-Triton's interpreter (tests/test_vllm_triton_interpret.py), so their semantics are pinned here by hand. No vLLM
+Triton's interpreter (tests/backends/test_vllm_triton_interpret.py), so their semantics are pinned here by hand. No vLLM
 needed.
 """
 
@@ -108,7 +108,7 @@ def test_cases_and_dense_reference():
 
 def test_align_and_sum_have_no_host_sync():
     """The stand-ins run inside the GPU check's captured CUDA graph: no op that reads a value on the host."""
-    from test_token_alloc import _graph_ops, _sync_ops
+    from helpers import graph_ops, sync_ops
 
     ids = torch.tensor([[0, -1], [1, 0], [2, -1]], dtype=torch.int32)
 
@@ -123,5 +123,5 @@ def test_align_and_sum_have_no_host_sync():
         moe_sum(inp, out, topk_ids)
         return out
 
-    for ops in (_graph_ops(align, ids), _graph_ops(summed, torch.randn(3, 2, 5), ids)):
-        assert ops and not _sync_ops(ops), _sync_ops(ops)
+    for ops in (graph_ops(align, ids), graph_ops(summed, torch.randn(3, 2, 5), ids)):
+        assert ops and not sync_ops(ops), sync_ops(ops)

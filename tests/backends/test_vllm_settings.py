@@ -179,8 +179,20 @@ def test_shutdown_on_cuda_waits_for_the_memory(monkeypatch):
     assert len(calls) == 2
 
 
-def test_collect_without_vllm_and_gpu_is_gc_only():
-    engine._collect(False)  # no vLLM in this venv, no CUDA: gc.collect() alone, no error
+def test_collect_without_vllm_and_gpu_is_gc_only(monkeypatch):
+    """No CUDA: garbage collection (and vLLM's own clean-up where vLLM is installed), never the CUDA allocator."""
+    import gc
+    import importlib.util
+
+    import torch
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("gc") or 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    assert engine._collect(False) is None
+    assert calls[-1] == "gc"  # last, and not followed by the CUDA allocator's empty_cache
+    if importlib.util.find_spec("vllm") is None:
+        assert calls == ["gc"]  # no vLLM: garbage collection alone
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

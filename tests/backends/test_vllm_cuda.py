@@ -2,7 +2,7 @@
 
 NOT yet run by this project (no GPU was available when they were written): they state what must hold there. What
 can be checked without a GPU is: vLLM's Triton experts with dropped pairs under Triton's interpreter
-(tests/test_vllm_triton_interpret.py), the graph-safety of the routing patch (tests/test_vllm_routing_graphs.py), and
+(tests/backends/test_vllm_triton_interpret.py), the graph-safety of the routing patch (tests/backends/test_vllm_routing_graphs.py), and
 `benchmarks/gpu_check.py --smoke`. TF32 is off for the whole module (fp32 parity at 1e-5).
 - parity with HF for every token mode, fp32, eager;
 - dropped pairs reach the Triton kernels as id -1 / weight 0 with the router's [T, K_orig] shape kept, and the

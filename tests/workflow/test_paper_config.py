@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -17,35 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, dry_run_jobs, snakemake_over_default
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # the hub text files the `download` rule writes: each calibration source's default split, and the evaluation text
 SPLITS = {"wikitext2": "test", "c4": "validation", "pile": "validation"}
-
-
-def _snakemake(workdir: Path, configfiles: list, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """snakemake with the config files merged over the embedded default (offline; a dry run unless `args`)."""
-    if not SNAKEMAKE.exists():
-        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "config/config.yaml", workdir / "config/config.yaml")
-    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                           "--configfile", *map(str, configfiles), *(args or ["-n"])],
-                          check=False, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE, **env})
-
-
-def _jobs(log: str) -> tuple[Counter, dict[str, list[str]]]:
-    """(rule -> jobs, rule -> outputs) of a dry run's job listing."""
-    counts, outputs, rule = Counter(), {}, None
-    for line in log.splitlines():
-        if m := re.match(r"^(?:local)?rule (\S+):$", line):
-            rule = m.group(1)
-            counts[rule] += 1
-        elif (m := re.match(r"^\s+output: (.*)$", line)) and rule:
-            outputs.setdefault(rule, []).extend(m.group(1).split(", "))
-    return counts, outputs
 
 
 def _moe_layers(spec: dict) -> int:
@@ -87,7 +61,7 @@ def _expected(cfg: dict) -> tuple[dict[str, int], set[str]]:
 @pytest.fixture(scope="module")
 def paper_log(tmp_path_factory):
     """The dry run of config/paper.yaml as the README runs it on one GPU (`--resources gpu=1`), with shell commands."""
-    res = _snakemake(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"], "-n", "--resources", "gpu=1",
+    res = snakemake_over_default(tmp_path_factory.mktemp("paper"), [ROOT / "config/paper.yaml"], "-n", "--resources", "gpu=1",
                      "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr
@@ -95,7 +69,7 @@ def paper_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def paper(paper_log):
-    return _jobs(paper_log)
+    return dry_run_jobs(paper_log)
 
 
 @pytest.mark.parametrize("name", ["paper", "smoke"])
@@ -104,9 +78,9 @@ def test_dry_run_resolves_offline_with_the_jobs_the_config_asks_for(name, paper,
     if name == "paper":
         counts, outputs = paper
     else:
-        res = _snakemake(tmp_path, [ROOT / f"config/{name}.yaml"])
+        res = snakemake_over_default(tmp_path, [ROOT / f"config/{name}.yaml"])
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        counts, outputs = _jobs(res.stdout + res.stderr)
+        counts, outputs = dry_run_jobs(res.stdout + res.stderr)
     jobs, texts = _expected(cfg)
     assert {r: counts[r] for r in jobs} == jobs
     assert {r for r in counts if r.startswith("accuracy_")} == {r for r in jobs if r.startswith("accuracy_")}
@@ -168,7 +142,7 @@ def test_every_job_that_loads_a_model_on_the_gpu_requests_it(paper_log):
     on the GPU must request it (else it runs beside a vLLM engine that wants 85% of the memory); jobs that cannot
     request none, so they run side by side."""
     jobs = _job_listing(paper_log)
-    assert len(jobs) == sum(_jobs(paper_log)[0].values()) and all(j["resources"] is not None for j in jobs)
+    assert len(jobs) == sum(dry_run_jobs(paper_log)[0].values()) and all(j["resources"] is not None for j in jobs)
     wrong = [(j["rule"], j["resources"].get("gpu"), (j["shell"] or "")[:120]) for j in jobs
              if j["resources"].get("gpu", "0") != ("1" if _loads_model_on_gpu(j["shell"]) else "0")]
     assert not wrong, wrong
@@ -180,7 +154,7 @@ def test_every_job_that_loads_a_model_on_the_gpu_requests_it(paper_log):
 
 def test_embedded_default_requests_no_gpu(tmp_path):
     """The embedded default (CPU) requests no GPU anywhere: `--cores 2` runs its jobs side by side."""
-    res = _snakemake(tmp_path, [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
+    res = snakemake_over_default(tmp_path, [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     jobs = _job_listing(res.stdout + res.stderr)
     assert jobs and all(j["resources"] is not None and j["resources"].get("gpu", "0") == "0" for j in jobs)
@@ -193,7 +167,7 @@ def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
     latency job as CLI options, a model's own `vllm:` over it key by key; accuracy jobs checkpoint per plan."""
     (tmp_path / "over.yaml").write_text("vllm: {mode: eager}\n"
                                         "models: {olmoe-1b-7b-0924: {vllm: {gpu_memory_utilization: 0.5}}}\n")
-    res = _snakemake(tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "over.yaml"], "-n", "--printshellcmds")
+    res = snakemake_over_default(tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "over.yaml"], "-n", "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     cmds = [j["shell"] for j in _job_listing(res.stdout) if j["rule"] == "latency" or j["rule"].startswith("accuracy_")]
     assert len(cmds) == 3 * 2 + 3
@@ -232,13 +206,14 @@ BAD = {
 def test_bad_config_stops_before_any_job_with_one_line(case, tmp_path):
     override, message = BAD[case]
     (tmp_path / "bad.yaml").write_text(override + "\n")
-    res = _snakemake(tmp_path / "work", [ROOT / "config/paper.yaml", tmp_path / "bad.yaml"])
+    res = snakemake_over_default(tmp_path / "work", [ROOT / "config/paper.yaml", tmp_path / "bad.yaml"])
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     lines = [x for x in res.stderr.splitlines() if not x.startswith("Config file config/config.yaml is extended")]
     assert len(lines) == 1 and lines[0].startswith(f"config error: {message}"), res.stderr
     assert "rule " not in res.stdout and not (tmp_path / "work/results").exists()
 
 
+@pytest.mark.workflow
 def test_download_rule_reads_a_local_copy_and_fails_offline_naming_the_key(tmp_path):
     """The `download` jobs for real, offline: a split given under download.local is converted; one that is not
     fails with the line that names the key, and leaves no output."""
@@ -247,14 +222,14 @@ def test_download_rule_reads_a_local_copy_and_fails_offline_naming_the_key(tmp_p
     (tmp_path / "local.yaml").write_text(f"download: {{local: {{wikitext2_test: {tmp_path / 'test.jsonl'}}}}}\n")
     work, configs = tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "local.yaml"]
     hf = str(tmp_path / "hf")
-    res = _snakemake(work, configs, "--cores", "1", "--", "results/data/wikitext2_test.jsonl", HF_HOME=hf)
+    res = snakemake_over_default(work, configs, "--cores", "1", "--", "results/data/wikitext2_test.jsonl", HF_HOME=hf)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = [json.loads(line) for line in (work / "results/data/wikitext2_test.jsonl").read_text().splitlines()]
     assert got == [{"family": "wikitext2", "text": r} for r in rows]
     meta = json.loads((work / "results/data/wikitext2_test.meta.json").read_text())
     assert meta["local_file"] == str(tmp_path / "test.jsonl") and meta["max_chars"] == 1000000
 
-    res = _snakemake(work, configs, "--cores", "1", "--", "results/data/c4_validation.jsonl", HF_HOME=hf)
+    res = snakemake_over_default(work, configs, "--cores", "1", "--", "results/data/c4_validation.jsonl", HF_HOME=hf)
     assert res.returncode != 0
     log = (work / "results/logs/download_c4_validation.log").read_text()
     assert log.count("\n") == 1 and "under the config key download.local.c4_validation " in log, log

@@ -127,6 +127,7 @@ def test_existing_output_needs_overwrite(trained, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 349 s on 2 shared cores: two 40-step trainings at the default width
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPU threads")
 def test_two_thread_training_is_reproducible(tmp_path):
     """At the default width, 2-thread runs used to diverge within 40 steps (the MoE gather's backward accumulated in

@@ -42,6 +42,7 @@ def _eval(d, *extra):
                  "--batch-size", "16", *extra])
 
 
+@pytest.mark.slow
 def test_eval_matches_lm_eval_called_directly(setup):
     import lm_eval
     from lm_eval.models.huggingface import HFLM

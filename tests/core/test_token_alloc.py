@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from helpers import graph_ops, sync_ops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -375,28 +376,12 @@ def test_mask_to_slots_full_and_empty_rows():
 
 # ---------------------------------------------------------------- static graph: no data-dependent host sync
 
-# aten ops whose output shape or value must be read on the host (boolean indexing lowers to index.Tensor / nonzero)
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive", "index",
-            "index_put", "masked_scatter", "repeat_interleave"}
-
-
-def _graph_ops(fn, *args):
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    g = make_fx(fn, tracing_mode="fake")(*args)
-    return [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
-
-
-def _sync_ops(ops):
-    return [o for o in ops if o.startswith("aten.") and o.split(".")[1] in SYNC_OPS]
-
-
 def test_sync_detector_sanity():
     p = rand_probs(8, 6, 0, dtype=torch.float32)
-    assert _sync_ops(_graph_ops(lambda x: x * x.sum().item(), p))
-    assert _sync_ops(_graph_ops(lambda x: x[x > 0.1].sum(), p))
-    assert _sync_ops(_graph_ops(lambda x: x.nonzero(), p))
-    assert not _sync_ops(_graph_ops(lambda x: x.topk(2, dim=-1).values, p))
+    assert sync_ops(graph_ops(lambda x: x * x.sum().item(), p))
+    assert sync_ops(graph_ops(lambda x: x[x > 0.1].sum(), p))
+    assert sync_ops(graph_ops(lambda x: x.nonzero(), p))
+    assert not sync_ops(graph_ops(lambda x: x.topk(2, dim=-1).values, p))
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -404,10 +389,10 @@ def test_alloc_t_traces_without_host_sync(with_mask):
     p = rand_probs(32, 16, 0, dtype=torch.float32)
     tm = torch.arange(32) % 5 != 0
     if with_mask:
-        ops = _graph_ops(lambda x, m: alloc_t(x, 2.5, 1, 4, token_mask=m), p, tm)
+        ops = graph_ops(lambda x, m: alloc_t(x, 2.5, 1, 4, token_mask=m), p, tm)
     else:
-        ops = _graph_ops(lambda x: alloc_t(x, 2.5, 1, 4), p)
-    assert ops and not _sync_ops(ops), _sync_ops(ops)
+        ops = graph_ops(lambda x: alloc_t(x, 2.5, 1, 4), p)
+    assert ops and not sync_ops(ops), sync_ops(ops)
 
 
 @pytest.mark.parametrize("fn", [
@@ -415,8 +400,8 @@ def test_alloc_t_traces_without_host_sync(with_mask):
     lambda x: mask_to_slots(alloc_t(x, 2.5, 1, 4), x, 4, 16),
 ], ids=["top-p", "naee", "topk", "mask_to_slots"])
 def test_other_token_functions_trace_without_host_sync(fn):
-    ops = _graph_ops(fn, rand_probs(32, 16, 0, dtype=torch.float32))
-    assert not _sync_ops(ops), _sync_ops(ops)
+    ops = graph_ops(fn, rand_probs(32, 16, 0, dtype=torch.float32))
+    assert not sync_ops(ops), sync_ops(ops)
 
 
 def test_alloc_t_dynamo_single_graph():

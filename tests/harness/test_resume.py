@@ -26,7 +26,7 @@ from alloc_moe.data import zoo
 from alloc_moe.data.tasks import embedded
 from alloc_moe.harness.resume import Checkpoints, digest, fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

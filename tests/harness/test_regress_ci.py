@@ -17,9 +17,9 @@ import yaml
 from alloc_moe.cli import main
 from alloc_moe.harness.regress import load_tolerances
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.workflow]  # the module's run: the CI config, trained and evaluated
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 REFERENCE = ROOT / "results/reference/ci"
 TOLERANCE = ROOT / "config/ci-tolerance.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 
@@ -30,6 +30,7 @@ def gc(monkeypatch):
     torch.set_float32_matmul_precision(saved[2])
 
 
+@pytest.mark.slow
 def test_smoke_on_cpu_writes_results(tmp_path):
     out = tmp_path / "smoke"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

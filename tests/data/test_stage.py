@@ -23,7 +23,7 @@ from alloc_moe.data import stage as st
 from alloc_moe.errors import AllocMoeError
 from alloc_moe.io import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 REPO = "fakeorg/TinyMoE"
 TEXT = [f" = Section {i} = \n line {i} of the stand-in WikiText . \n" for i in range(120)]
@@ -245,6 +245,7 @@ except AllocMoeError as e:
 """
 
 
+@pytest.mark.slow
 def test_offline_loads_read_the_staged_caches(hub):
     """The project's loaders (hub id at a branch or a commit), config reading, the commit the run manifest records,
     and `datasets` as lm-eval calls it, with the hub off and the caches pointing into the stage."""
@@ -265,6 +266,7 @@ def _snakemake(work: Path, *args: str, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, check=False)
 
 
+@pytest.mark.workflow
 def test_workflow_runs_from_the_stage_offline_and_fails_without_it(hub, tmp_path):
     """A download and an accuracy job for real, offline: the text is copied from the stage, the checkpoint loads from
     its staged snapshot (its config gives the DAG the MoE layer count), lm-eval reads the staged dataset. The same run
@@ -320,6 +322,7 @@ def paper_stage(tmp_path_factory):
     return d, config, want
 
 
+@pytest.mark.slow  # the paper_stage fixture: about 20 s
 def test_paper_needs_are_the_papers_downloads(paper_stage):
     _, _, want = paper_stage
     from alloc_moe.data.tasks import suite
@@ -336,6 +339,7 @@ def test_paper_needs_are_the_papers_downloads(paper_stage):
         ("wikitext2", "validation", 4000000)}
 
 
+@pytest.mark.slow
 def test_paper_dry_run_resolves_from_the_stage(paper_stage, tmp_path):
     """`snakemake -n` of config/paper.yaml with offline.stage_dir: the stage is checked, every job resolves, and the
     checkpoints are passed as their staged snapshot folders. One missing item stops it before any job, in one line."""

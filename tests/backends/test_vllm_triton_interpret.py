@@ -3,7 +3,7 @@
 `python -m alloc_moe.backends.vllm.kernel_check` (a fresh process: TRITON_INTERPRET=1 must be set before Triton is
 imported) runs the installed vLLM's `TritonExperts.apply` -> `fused_moe_kernel` with pairs dropped as id -1 /
 weight 0, NaN-filled workspaces, the CUDA-only align / sum ops replaced by the torch versions of
-tests/test_kernel_check.py, and compares with a dense reference over the kept pairs: the aligned path and the
+tests/backends/test_kernel_check.py, and compares with a dense reference over the kept pairs: the aligned path and the
 small-batch path, fp32, fp16 and bf16 (upcast on CPU: interpreter bug, see kernel_check). The negative controls show
 what the patch and the start-up check (`compat`) prevent. Also in-process: the start-up check on the installed vLLM.
 """

@@ -1,52 +1,16 @@
 """The Snakemake workflow end to end on a tiny config (the same Snakefile the README runs)."""
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-
-TINY = """
-models:
-  tiny:
-    train: {arch: olmoe, width: tiny, layers: 3, steps: 20, batch_size: 4, seq_len: 16}
-    budgets: [4, 5]
-calibration: {default: balanced, sets: [balanced, language], docs_per_family: 4}
-evaluation: {docs_per_family: 2, seq_len: 32}
-profile: {seq_len: 32, max_tokens: 256, batch_size: 4}
-accuracy: {batch_size: 32, limit: 8}
-methods:
-  - {layer: uniform, token: topk}
-  - {layer: alloc-l, token: alloc-t}
-  - {layer: lexi, token: topk}
-  - {layer: uniform, token: top-p}
-k_base_sweep: [0, 1, 2]
-calibration_sweep: true
-latency: {batch: 2, prompt: 8, decode: 3, warmup: 0, runs: 2, dtype: float32}
-exact_budget: true
-"""
+from helpers import ROOT, TINY, snakemake
 
 
-def _snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    if not SNAKEMAKE.exists():
-        pytest.skip("snakemake is not installed (pip install -e '.[workflow]')")
-    return subprocess.run([str(SNAKEMAKE), "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("wf")
-    (work / "config").mkdir()
-    (work / "config" / "config.yaml").write_text(TINY)
-    res = _snakemake(work, "--cores", "2", "--quiet")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return work
+@pytest.fixture
+def run(tiny_run):
+    """The session's shared tiny run (conftest.tiny_run): read it, dry-run it, copy it; never change it."""
+    return tiny_run
 
 
 def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
@@ -86,7 +50,7 @@ def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
 
 def test_workflow_writes_latency_and_load_balance(run):
     lat = pd.read_csv(run / "results/summary/latency.csv")
-    assert {"original", "uniform+topk", "lexi+topk", "alloc-l+alloc-t"} == set(lat.method)
+    assert {"original", "uniform+topk", "lexi+topk", "alloc-l+alloc-t", "ascending+topk"} == set(lat.method)
     assert set(lat.phase) == {"prefill", "decode"} and sorted(lat[lat.method != "original"].budget.unique()) == [4, 5]
     lb = pd.read_csv(run / "results/summary/load_balance.csv")
     assert {"model", "plan", "layer", "metric", "value"} <= set(lb.columns) and (lb.model == "tiny").all()
@@ -96,25 +60,30 @@ def test_workflow_writes_latency_and_load_balance(run):
 
 
 def test_workflow_is_up_to_date_after_a_run(run):
-    res = _snakemake(run, "--cores", "1", "--dry-run", "--quiet")
+    res = snakemake(run, "--cores", "1", "--dry-run", "--quiet")
     assert res.returncode == 0
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.workflow
 def test_workflow_outputs_are_deterministic(run, tmp_path):
-    """Same config + seed -> byte-identical CSVs: rerun everything in a fresh directory and compare."""
+    """Same config + seed -> byte-identical CSVs: rerun, in a fresh directory, everything these files depend on
+    (training, calibration, profiling, every plan and evaluation; not latency or figures) and compare."""
     shutil.copytree(run / "config", tmp_path / "config")
-    res = _snakemake(tmp_path, "--cores", "2", "--quiet")
+    compared = ["results/summary/accuracy.csv", "results/summary/perplexity.csv",
+                "results/tiny-s0/sensitivity/ppl_balanced.csv", "results/tiny-s0/sensitivity/lexi.csv"]
+    res = snakemake(tmp_path, *compared, "--cores", "2", "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
-    for rel in ["results/summary/accuracy.csv", "results/summary/perplexity.csv",
-                "results/tiny-s0/sensitivity/ppl_balanced.csv", "results/tiny-s0/sensitivity/lexi.csv"]:
+    assert (tmp_path / "results/tiny-s0/model").is_dir()  # trained again, not reused
+    for rel in compared:
         assert (tmp_path / rel).read_bytes() == (run / rel).read_bytes(), rel
 
 
 def test_invalid_config_is_rejected_before_any_job(tmp_path):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(TINY.replace("token: topk}", "token: bogus}", 1))
-    res = _snakemake(tmp_path, "--cores", "1", "--dry-run")
+    res = snakemake(tmp_path, "--cores", "1", "--dry-run")
     assert res.returncode != 0
     assert "bogus" in res.stdout + res.stderr
     assert not (tmp_path / "results").exists()
@@ -140,8 +109,7 @@ def _rerun_after_editing(run, tmp_path, module: str) -> dict[str, int]:
     shutil.copy(ROOT / "Snakefile", src / "Snakefile")
     f = src / "alloc_moe" / module
     f.write_text(f.read_text() + "\n# an edit\n")
-    res = subprocess.run([str(SNAKEMAKE), "--snakefile", str(src / "Snakefile"), "--directory", str(run), "-n",
-                          "--cores", "1"], capture_output=True, text=True, timeout=300)
+    res = snakemake(run, "-n", "--cores", "1", snakefile=src / "Snakefile", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout + res.stderr
     if "Nothing to be done" in out:

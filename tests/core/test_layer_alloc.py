@@ -165,6 +165,50 @@ def test_alloc_l_paper_sizes_optimal(L, K, B):
         assert abs(cost_of(S, ks) - simple_dp_cost(S, B)) <= 1e-9
 
 
+def milp_cost(S: np.ndarray, B: int) -> float:
+    """An exact reference independent of any DP: eq. 3-5 as a 0/1 integer program solved by branch and bound
+    (scipy's HiGHS, relative gap 0). x[i, k] = 1 iff layer i keeps k + 1 experts; one k per layer; sum of K_i <= B."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array, kron
+
+    L, K = S.shape
+    one_per_layer = kron(np.eye(L), np.ones((1, K)), format="csr")
+    budget = csr_array(np.tile(np.arange(1, K + 1, dtype=float), L)[None, :])
+    res = milp(S.ravel(), integrality=np.ones(L * K), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one_per_layer, 1, 1), LinearConstraint(budget, -np.inf, B)],
+               options={"mip_rel_gap": 0.0, "presolve": True})
+    assert res.success, res.message
+    x = res.x.reshape(L, K).round().astype(int)
+    assert (x.sum(axis=1) == 1).all() and int((x.argmax(axis=1) + 1).sum()) <= B  # a real, feasible vector
+    return cost_of(S, list(x.argmax(axis=1) + 1))
+
+
+@pytest.mark.parametrize("L,K", [(26, 6), (24, 4), (16, 8)])
+def test_alloc_l_paper_largest_sizes_match_an_integer_program(L, K):
+    """The paper's three models at every one of their budgets, at the extremes (B = L: one expert per layer;
+    B = L * K: no constraint), and at budgets in between, on three kinds of cost matrix: falling in k (the usual
+    shape), unstructured, and small integers (many ties, where only the cost has to match). The DP's cost equals the
+    integer program's optimum."""
+    pytest.importorskip("scipy", reason="the integer-program reference needs scipy")
+    budgets = sorted({B for l_, k_, bs in PAPER_SETTINGS if (l_, k_) == (L, K) for B in bs}
+                     | {L, L + 1, (L * K) // 3, L * K - 1, L * K})
+    rng = np.random.default_rng(L * 100 + K)
+    for kind in ("falling", "random", "ties"):
+        if kind == "falling":
+            S = np.sort(rng.random((L, K)) * 5, axis=1)[:, ::-1].copy()
+        elif kind == "random":
+            S = rng.normal(size=(L, K)) * 3
+        else:
+            S = rng.integers(0, 4, size=(L, K)).astype(np.float64)
+        for B in budgets:
+            ks = alloc_l(S, B)
+            check_bounds(ks, L, K, B)
+            ref = milp_cost(S, B)
+            assert abs(cost_of(S, ks) - ref) <= 1e-9 * max(1.0, abs(ref)), (kind, B, ks)
+            if kind == "ties":
+                assert cost_of(S, ks) == ref  # integer costs: exactly
+
+
 def test_alloc_l_does_not_modify_input():
     S = np.array([[3.0, 2.0, 1.0], [5.0, 1.0, 0.5]])
     before = S.copy()

@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from test_token_alloc import _graph_ops, _sync_ops
+from helpers import graph_ops, sync_ops
 
 from alloc_moe.backends.vllm import routing
 from alloc_moe.core.routing import LayerRule
@@ -75,8 +75,8 @@ def test_step_scope_routing_has_no_host_sync_and_static_shape(monkeypatch, mode)
 
     for T in (1, 8, 64):
         pad = torch.arange(T) >= T - 1
-        ops = _graph_ops(routed, _logits(T), pad)
-        assert ops and not _sync_ops(ops), _sync_ops(ops)
+        ops = graph_ops(routed, _logits(T), pad)
+        assert ops and not sync_ops(ops), sync_ops(ops)
         w, ids = routed(_logits(T), pad)
         assert w.shape == ids.shape == (T, K)  # the router's [T, K_orig]: a graph's buffers keep their shape
 

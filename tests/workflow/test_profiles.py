@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 PLUGINS = {"slurm": ["snakemake_executor_plugin_slurm"],
            "kubernetes": ["snakemake_executor_plugin_kubernetes", "snakemake_storage_plugin_fs"]}
@@ -45,6 +45,7 @@ def _resources(log: str) -> dict[str, dict[str, str]]:
     return out
 
 
+@pytest.mark.slow  # a full dry run of the embedded default per profile: 20-30 s each under load
 @pytest.mark.parametrize("profile", ["slurm", "kubernetes"])
 def test_profile_loads_and_maps_gpu_memory_runtime(profile, tmp_path):
     extra = ["--default-storage-prefix", str(tmp_path / "store")] if profile == "kubernetes" else []
