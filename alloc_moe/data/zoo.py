@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..backends.base import DTYPES
+from ..backends.dtypes import DTYPES
 from ..backends.hf.model import moe_layers
 
 # transformers and tokenizers are imported where they are used: building the CLI parser imports this module

@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from ..backends.base import DTYPE_HELP
+from ..backends.dtypes import DTYPE_HELP
 from ..errors import AllocMoeError
 from ..io import atomic_write_text, sha256_file
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backends.base import DTYPE_HELP
+from ..backends.dtypes import DTYPE_HELP
 from ..backends.hf.model import MoeLayer, moe_layers
 from ..backends.hf.perplexity import nll_from_logits, window_nll
 from ..errors import AllocMoeError

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ...errors import AllocMoeError
-from ..base import DTYPES
+from ..dtypes import DTYPES
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the torch dtype of each of `base.DTYPES`
 
@@ -27,7 +27,7 @@ def pick_device(device: str | None) -> torch.device:
 
 def torch_dtype(dtype: str | None, model: str | None) -> torch.dtype:
     """The torch dtype `dtype` means for `model` (`auto`: the checkpoint's own, `alloc_moe.backends.base.resolve_dtype`)."""
-    from ..base import resolve_dtype
+    from ..dtypes import resolve_dtype
 
     return TORCH_DTYPES[resolve_dtype(dtype, model)]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ...core.plan import Plan
 from ...errors import AllocMoeError
-from ..base import DTYPES, check_dtype, resolve_dtype  # noqa: F401 - resolve_dtype: `auto` as every backend means it
+from ..dtypes import DTYPES, check_dtype, resolve_dtype  # noqa: F401 - resolve_dtype: `auto` as every backend means it
 from . import options as vllm_options
 from .plugin import PLAN_ENV, register
 from .routing import SCOPE_ENV
