@@ -75,13 +75,18 @@ def _patch_cpu(fe) -> None:
 
 
 def _patch_triton(fe) -> None:
-    from vllm import _custom_ops as ops
-
     from .compat import SUPPORTED, reduction_passes_topk_ids
 
     if not reduction_passes_topk_ids(type(fe).apply):  # e.g. vLLM 0.26.0, or a subclass with its own apply
         raise AllocMoeError(f"{type(fe).__name__}.apply calls moe_sum without topk_ids, so the pairs dropped by the "
                             f"plan would be summed from unwritten rows; {SUPPORTED}")
+    pad_aware_moe_sum(fe)
+
+
+def pad_aware_moe_sum(fe) -> None:
+    """Make `fe.moe_sum` skip slots with id < 0 whenever it is given `topk_ids` (vLLM's own does so only with an
+    expert map)."""
+    from vllm import _custom_ops as ops
 
     def moe_sum(self, input, output, topk_ids=None, expert_map=None):
         if topk_ids is not None:

@@ -373,7 +373,7 @@ def triton_experts(case: Case, variant: str = "patched", tmp_dir: str | None = N
     )
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    from .experts import _patch_triton
+    from .experts import _patch_triton, pad_aware_moe_sum
 
     cfg = FusedMoEConfig(num_experts=case.experts, experts_per_token=case.top_k, hidden_dim=case.hidden,
                          intermediate_size=case.inter, num_local_experts=case.experts,
@@ -397,19 +397,8 @@ def triton_experts(case: Case, variant: str = "patched", tmp_dir: str | None = N
             pass
         else:
             raise RuntimeError("the start-up check did not refuse a reduction without topk_ids")
-        _force_moe_sum_patch(fe)
+        pad_aware_moe_sum(fe)  # what _patch_triton installs once its check passes
     return fe
-
-
-def _force_moe_sum_patch(fe) -> None:
-    import types
-
-    def moe_sum(self, input, output, topk_ids=None, expert_map=None):  # what experts._patch_triton installs
-        from vllm import _custom_ops as ops
-
-        ops.moe_sum(input, output, topk_ids, expert_map) if topk_ids is not None else ops.moe_sum(input, output)
-
-    fe.moe_sum = types.MethodType(moe_sum, fe)
 
 
 def run_apply(fe, case: Case, inputs) -> torch.Tensor:
