@@ -27,17 +27,5 @@ include: "workflow/rules/manifest.smk"
 
 rule all:
     input:
-        "results/summary/accuracy.csv",
-        "results/summary/perplexity.csv",
-        expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "tradeoff"], model=MODEL_NAMES),
-        # perplexity is measured with the hf backend only (a vllm model's accuracy jobs report none)
-        expand("results/summary/figures/perplexity_{model}.png",
-               model=[m for m in MODEL_NAMES if config["models"][m].get("backend", "hf") == "hf"]),
-        "results/summary/latency.csv",
-        "results/summary/load_balance.csv",
-        "results/summary/manifest.json",
-        expand("results/{run}/figures/{f}.png", run=RUNS, f=["speedup_vs_budget", "expert_load", "load_balance_by_layer",
-                                                              "plan_allocation", "experts_vs_entropy"]),
-        expand("results/summary/report/{table}_{model}.html", table=PAPER_TABLES, model=MODEL_NAMES),
-        expand("results/summary/report/{page}.html", page=SUMMARY_TABLES),
+        final_targets(),
     default_target: True

@@ -48,7 +48,13 @@ def tiny_report(tiny_run):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Markers, and the xdist groups that `-n auto --dist loadgroup` (pyproject addopts) sends to one worker each: all
+    users of the shared tiny run (so it is made once), and otherwise one group per test file (so a module-scoped
+    fixture, e.g. a vLLM engine or a trained model, is made once)."""
     for item in items:
         if {"tiny_run", "tiny_report"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.workflow)
             item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

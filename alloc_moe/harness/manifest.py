@@ -5,7 +5,7 @@ Every run directory gets `summary/manifest.json` (the workflow's `manifest` rule
 canonical JSON of the resolved config (keys sorted, no whitespace), so key order and YAML formatting do not change
 it. `files` maps each summary table the manifest covers to its sha256, so every row of those tables is traceable to
 this manifest; a table edited after the run no longer matches (`changed_files`). The hardware is that of the
-machine that wrote the manifest; each `eval/*.json` also records the environment of the job that evaluated it.
+machine that wrote the manifest; each `eval/<label>/<plan>.json` also records the environment of the job that evaluated it.
 """
 
 import hashlib

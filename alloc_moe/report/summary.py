@@ -23,6 +23,15 @@ KEY_COLUMNS = ["model", "layer_method", "token_allocation", "k_base", "budget", 
                "seed"]
 
 
+def eval_files(paths: list[str | Path]) -> list[Path]:
+    """The eval JSONs behind `paths`: a folder (an accuracy job's output, results/<run>/eval/<label>/) stands for its
+    `*.json` files in name order, a file for itself."""
+    out = []
+    for p in map(Path, paths):
+        out += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    return out
+
+
 def accuracy_table(evals: list[str | Path]) -> pd.DataFrame:
     """All rows of the eval JSONs, sorted on the key columns (byte-stable CSV)."""
     rows = [r for p in evals for r in json.loads(Path(p).read_text())["rows"]]

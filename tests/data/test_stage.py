@@ -275,7 +275,7 @@ def test_workflow_runs_from_the_stage_offline_and_fails_without_it(hub, tmp_path
     tasks_only = {**config, "models": {"embedded": None, "tiny": {**config["models"]["tiny"], "tasks": str(d / "tasks")}}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tasks_only))
     (tmp_path / "offline.yaml").write_text(yaml.safe_dump({"offline": {"stage_dir": str(d / "st")}}))
-    target = "results/tiny-s0/eval/original.json"
+    target = "results/tiny-s0/eval/original"
     hub_off = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     work = tmp_path / "work"
     res = _snakemake(work, "--configfile", str(tmp_path / "run.yaml"), str(tmp_path / "offline.yaml"), "--cores", "1",
@@ -285,7 +285,7 @@ def test_workflow_runs_from_the_stage_offline_and_fails_without_it(hub, tmp_path
     assert (work / "results/data/wikitext2_test.jsonl").read_bytes() == staged.read_bytes()
     assert (work / "results/logs/download_wikitext2_test.log").read_text().startswith(
         "copied results/data/wikitext2_test.jsonl: ")
-    result = json.loads((work / target).read_text())
+    result = json.loads((work / target / "original.json").read_text())
     commit = json.loads((d / "st/stage.json").read_text())["models"][f"{REPO}@main"]["commit"]
     assert result["settings"]["model"] == str(d / f"st/hub/models--fakeorg--TinyMoE/snapshots/{commit}")
     assert [(r["task"], r["model"]) for r in result["rows"]] == [("tiny_qa", "tiny")]

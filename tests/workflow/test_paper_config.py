@@ -52,9 +52,7 @@ def _expected(cfg: dict) -> tuple[dict[str, int], set[str]]:
     jobs = {"plan": len(plans), "profile_ppl": len(models) * len(ppl_sets), "profile_lexi": len(models),
             "routing_scores": len(models) * len(routing_sets), "download": len(text), "latency": len(models),
             "load_balance": len(models)}
-    for name, spec in models.items():
-        run = re.sub(r"\W", "_", f"{name}-s0")
-        jobs |= {f"accuracy_{run}_{label}": 1 for label in ["original", *(f"B{b:g}" for b in spec["budgets"])]}
+    jobs["accuracy"] = sum(1 + len(spec["budgets"]) for spec in models.values())  # original + one per budget
     return jobs, text
 
 
@@ -83,7 +81,6 @@ def test_dry_run_resolves_offline_with_the_jobs_the_config_asks_for(name, paper,
         counts, outputs = dry_run_jobs(res.stdout + res.stderr)
     jobs, texts = _expected(cfg)
     assert {r: counts[r] for r in jobs} == jobs
-    assert {r for r in counts if r.startswith("accuracy_")} == {r for r in jobs if r.startswith("accuracy_")}
     # the embedded default it is merged over is gone: nothing trains, no synthetic data or tasks
     assert not {"train", "make_model", "calibration_set", "heldout_text", "embedded_tasks"} & set(counts)
     assert set(outputs["download"]) == texts | {t.replace(".jsonl", ".meta.json") for t in texts}
@@ -146,7 +143,7 @@ def test_every_job_that_loads_a_model_on_the_gpu_requests_it(paper_log):
     wrong = [(j["rule"], j["resources"].get("gpu"), (j["shell"] or "")[:120]) for j in jobs
              if j["resources"].get("gpu", "0") != ("1" if _loads_model_on_gpu(j["shell"]) else "0")]
     assert not wrong, wrong
-    on_gpu = Counter(re.sub(r"^accuracy_.*", "accuracy", j["rule"]) for j in jobs if j["resources"].get("gpu") == "1")
+    on_gpu = Counter(j["rule"] for j in jobs if j["resources"].get("gpu") == "1")
     # 3 models: profiles (3 calibration sets + LExI), routing scores (wikitext2), load balance, latency, 5 accuracy
     assert on_gpu == {"profile_ppl": 9, "profile_lexi": 3, "routing_scores": 3, "load_balance": 3, "latency": 3,
                       "accuracy": 15}
@@ -169,7 +166,7 @@ def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
                                         "models: {olmoe-1b-7b-0924: {vllm: {gpu_memory_utilization: 0.5}}}\n")
     res = snakemake_over_default(tmp_path / "work", [ROOT / "config/smoke.yaml", tmp_path / "over.yaml"], "-n", "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    cmds = [j["shell"] for j in _job_listing(res.stdout) if j["rule"] == "latency" or j["rule"].startswith("accuracy_")]
+    cmds = [j["shell"] for j in _job_listing(res.stdout) if j["rule"] in ("latency", "accuracy")]
     assert len(cmds) == 3 * 2 + 3
     for cmd in cmds:
         share = "0.5" if "--model allenai/OLMoE-1B-7B-0924" in cmd else "0.85"
@@ -185,7 +182,7 @@ BAD = {
     "unknown method": ("methods: [{layer: uniform, token: topk}, {layer: alloc-t, token: topk}]",
                        "methods[1].layer: 'alloc-t' is not one of ['alloc-l', 'uniform', "),
     "unknown backend": ("models: {olmoe-1b-7b-0924: {backend: sglang}}",
-                        "models.olmoe-1b-7b-0924.backend: 'sglang' is not one of ['hf', 'vllm']"),
+                        "models.olmoe-1b-7b-0924.backend: unknown backend 'sglang' (allowed: hf, vllm)"),
     "unknown top-level key": ("calibration_sets: [c4]", "top level: unknown key 'calibration_sets' (allowed: models, "),
     "two model sources": ("models: {olmoe-1b-7b-0924: {make: {topology: olmoe-1b-7b-0924}}}",
                           "models.olmoe-1b-7b-0924: give exactly one of path, train, make"),

@@ -37,6 +37,14 @@ if _error is not None:
     config_fail(_config_error(_error))
 validate(config, "../schemas/config.schema.yaml")  # fills in the schema's defaults
 
+# Backends are the registry's names (adding one is a registry entry, not a schema change).
+from alloc_moe.backends.base import BACKENDS
+
+for _where, _name in [*((f"models.{m}.backend", s.get("backend")) for m, s in config["models"].items()),
+                      ("latency.backend", config.get("latency", {}).get("backend"))]:
+    if _name is not None and _name not in BACKENDS:
+        config_fail(f"{_where}: unknown backend {_name!r} (allowed: {', '.join(BACKENDS)})")
+
 # Rules call the `alloc-moe` console script; make the one next to this Python first on PATH (a venv that is not
 # activated). Under --use-conda the env's own bin comes first. Not an `envvars:` case: nothing is required from the
 # user, and cluster jobs must keep their own PATH, so it is only prepended here, for jobs started from this process.
@@ -260,6 +268,58 @@ def _plan_inputs(wc):
     return ins
 
 
+# --- accuracy (rules/accuracy.smk): one job per run and label (`original`, `B<budget>`) ---
+
+def eval_plans(run, label):
+    """Plan ids a (run, label) job evaluates, in config order: ["original"] or every plan at budget B<b>."""
+    if label == "original":
+        return ["original"]
+    budget = float(label[1:])
+    budgets = [b for b in spec_of(run)["budgets"] if b == budget]
+    if not budgets:
+        raise ValueError(f"{run}: no budget {label[1:]} in the config")
+    return plans_at(run, budgets[0])
+
+
+def _eval_plan_files(wc):
+    return [f"results/{wc.run}/plans/{p}.json" for p in eval_plans(wc.run, wc.label) if p != "original"]
+
+
+def _eval_pairs(wc, output):
+    """--plan P --out O for every plan of the job (`original` for the unmodified model)."""
+    ids = eval_plans(wc.run, wc.label)
+    plans = ["original" if p == "original" else f"results/{wc.run}/plans/{p}.json" for p in ids]
+    return " ".join(f"--plan {p} --out {output[0]}/{i}.json" for p, i in zip(plans, ids))
+
+
+def _is_hf(run):
+    return spec_of(run).get("backend", "hf") == "hf"  # perplexity needs the HF model (a vLLM engine holds the GPU)
+
+
+def _eval_text_input(wc):
+    return [EVAL_TEXT] if _is_hf(wc.run) and (EVAL_TEXT.startswith("results/") or os.path.exists(EVAL_TEXT)) else []
+
+
+def _eval_task_input(wc):
+    return ["results/tasks/embedded"] if spec_of(wc.run).get("tasks", "embedded") == "embedded" else []
+
+
+def _eval_args(wc):
+    """Everything of the `alloc-moe eval` command line but the plans: tasks, backend, limit, seed, perplexity."""
+    spec = spec_of(wc.run)
+    tasks = spec.get("tasks", "embedded")
+    args = ["--tasks embedded --include-path results/tasks/embedded" if tasks == "embedded" else f"--tasks {tasks}",
+            f"--backend {spec.get('backend', 'hf')}", f"--batch-size {ACC.get('batch_size', 128)}"]
+    if ACC.get("limit"):
+        args.append(f"--limit {ACC['limit']}")
+    args += [f"--seed {RUNS[wc.run][1]}", f"--model-label {RUNS[wc.run][0]}"]
+    if _is_hf(wc.run):
+        args.append(f"--perplexity {EVAL_TEXT} --perplexity-seq-len {EVAL.get('seq_len', 64)}")
+    else:
+        args.append(vllm_args(wc.run))
+    return " ".join(args)
+
+
 # --- latency (rules/latency.smk): the top-level `latency:` config key ---
 LAT = config.get("latency", {})
 LAT_DEVICE = str(LAT.get("device", "cpu"))
@@ -307,7 +367,32 @@ def lb_figure_plan(run):
 # --- summary (rules/summary.smk) ---
 
 def all_evals(wildcards=None):
-    return [f"results/{run}/eval/{p}.json" for run in RUNS for p in ["original", *plan_ids(run)]]
+    """The accuracy jobs' folders (rules/accuracy.smk): results/<run>/eval/<label>/, one <plan>.json per plan."""
+    return [f"results/{run}/eval/{label}" for run in RUNS
+            for label in ["original", *(f"B{b:g}" for b in spec_of(run)["budgets"])]]
+
+
+def final_targets():
+    """What `snakemake` builds (the `all` target): the summary tables and figures, the per-run figures, the manifest and the
+    report pages. Perplexity is measured with the hf backend only (a vllm model's accuracy jobs report none)."""
+    hf_models = [m for m in MODEL_NAMES if config["models"][m].get("backend", "hf") == "hf"]
+    run_figures = ["speedup_vs_budget", "expert_load", "load_balance_by_layer", "plan_allocation", "experts_vs_entropy"]
+    return [
+        *(f"results/summary/{t}.csv" for t in ["accuracy", "perplexity", "latency", "load_balance"]),
+        *expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "tradeoff"],
+                model=MODEL_NAMES),
+        *expand("results/summary/figures/perplexity_{model}.png", model=hf_models),
+        "results/summary/manifest.json",
+        *expand("results/{run}/figures/{f}.png", run=RUNS, f=run_figures),
+        *expand("results/summary/report/{table}_{model}.html", table=PAPER_TABLES, model=MODEL_NAMES),
+        *expand("results/summary/report/{page}.html", page=SUMMARY_TABLES),
+    ]
 
 
 MODEL_NAMES = sorted(config["models"])
+
+
+# Every run's MoE layer count is read now, before any job: the plan ids of every budget depend on it, and a model
+# config that cannot be read (offline without `hub_config:`) stops the workflow with one line, whatever the target.
+for _run in RUNS:
+    num_moe_layers(_run)

@@ -9,15 +9,18 @@ from alloc_moe.harness.provenance import environment
 from alloc_moe.io import atomic_write_text
 from alloc_moe.report.summary import (
     accuracy_table,
+    eval_files,
     eval_perplexity_table,
     fidelity_report,
     paper_tables,
     write_csv,
 )
 
-acc = accuracy_table(list(snakemake.input))
+# the accuracy jobs' folders (rules/accuracy.smk), one JSON per plan
+evals = eval_files(snakemake.input)
+acc = accuracy_table(evals)
 write_csv(acc, snakemake.output.accuracy)
-ppl = eval_perplexity_table(list(snakemake.input))
+ppl = eval_perplexity_table(evals)
 write_csv(ppl, snakemake.output.perplexity)
 tables = paper_tables(acc, k_base=snakemake.params.k_base, calibration=snakemake.params.calibration,
                       k_base_sweep=snakemake.params.k_base_sweep)
