@@ -2,6 +2,7 @@
 output, the summary table, bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -83,6 +84,16 @@ def test_tight_plan_changes_scores_and_computed_pairs(setup, tmp_path):
     assert orig["perplexity"]["activations_per_token"] == 4 and tight["perplexity"]["activations_per_token"] == 2
     assert tight["perplexity"]["ppl"] != orig["perplexity"]["ppl"]
     assert {g["group"] for g in orig["groups"]} == {"NLU", "Reasoning", "Math"}
+    # per-item results (the claims' paired statistics): one 0/1 int per document, their mean is the task's score
+    for res in (orig, tight):
+        assert list(res)[-1] == "items" and sorted(res["items"]) == sorted(embedded.ITEMS)
+        for row in res["rows"]:
+            values = res["items"][row["task"]][row["task"]]
+            assert len(values) == N and set(values) <= {0, 1}
+            assert 100 * sum(values) / N == pytest.approx(row["value"], abs=1e-5)
+        windows = res["perplexity"]["window_nll"]
+        assert sorted(windows) == ["x"] and len(windows["x"]) == res["perplexity"]["n_tokens"] // 63  # --perplexity-seq-len 64
+        assert math.exp(sum(windows["x"]) / res["perplexity"]["n_tokens"]) == pytest.approx(res["perplexity"]["ppl"])
 
 
 def test_output_is_byte_stable(setup, tmp_path):
