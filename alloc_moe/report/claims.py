@@ -212,9 +212,8 @@ def _by_seed(entries: list[Entry]) -> dict:
 
 def _pairs(c: Claim, entries: list[Entry], k_base: int, calibration: str):
     """(model, budget, comparison, A by seed, B by seed) for an accuracy claim."""
-    def default(e: Entry) -> bool:
-        return (e.k_base == str(k_base) or not e.method.endswith(("Alloc-T", "Alloc-MoE"))) and \
-            e.calibration in ("", "none", calibration)
+    def default(e: Entry) -> bool:  # k_base is "" for every token allocation but alloc-t
+        return e.k_base in ("", str(k_base)) and e.calibration in ("", "none", calibration)
 
     for model in sorted({e.model for e in entries}):
         mine = [e for e in entries if e.model == model]

@@ -277,8 +277,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
             ppl = evaluate_plan(impl.load(model, dtype=dtype, device=device)[0], windows, plan, batch_size=batch_size, progress=progress)
             result["perplexity"] = {"data": perplexity_data, "seq_len": perplexity_seq_len,
                                     **{k: ppl[k] for k in ("ppl", "n_tokens", "per_family", "activations_per_token")},
-                                    "computed_pairs": {str(r["layer"]): r["computed_pairs"] for r in ppl["layers"]},
-                                    "window_nll": ppl["window_nll"]}
+                                    "computed_pairs": {str(r["layer"]): r["computed_pairs"] for r in ppl["layers"]}}
         result["environment"] = environment()
         result["items"] = {s.name: task_items(res, s) for s, _ in tasks}  # last: long lists
         out.append(result)

@@ -28,9 +28,6 @@ def evaluate_plan(model, windows, plan=None, *, batch_size: int = 8, progress: b
         "nll_sum": result.nll_sum,
         "n_tokens": result.n_tokens,
         "per_family": {f: {"ppl": p, "n_tokens": n} for f, (p, n) in sorted(result.per_family.items())},
-        # family -> summed NLL of each of its windows (seq_len - 1 predicted tokens each), in window order
-        "window_nll": {f: [round(v, 6) for v, g in zip(result.window_nll, windows.families) if g == f]
-                       for f in sorted(result.per_family)},
         "tokens_routed": tokens,
         "computed_pairs": pairs,
         "activations_per_token": pairs / tokens if tokens else 0.0,  # summed over MoE layers: the realised budget

@@ -17,7 +17,6 @@ class PerplexityResult:
     nll_sum: float
     n_tokens: int  # predicted tokens: windows * (seq_len - 1)
     per_family: dict[str, tuple[float, int]] = field(default_factory=dict)  # family -> (ppl, tokens)
-    window_nll: list[float] = field(default_factory=list)  # [N] summed NLL per window, window order
 
     def to_dict(self) -> dict:
         return {
@@ -103,4 +102,4 @@ def perplexity(
         fam_n[fam] = fam_n.get(fam, 0) + per_tokens
     n_tokens = N * per_tokens
     per_family = {f: (_ppl(fam_sum[f], fam_n[f]), fam_n[f]) for f in sorted(fam_sum)}
-    return PerplexityResult(_ppl(total, n_tokens), total, n_tokens, per_family, nll)
+    return PerplexityResult(_ppl(total, n_tokens), total, n_tokens, per_family)
