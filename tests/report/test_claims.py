@@ -142,7 +142,8 @@ def test_layer_and_latency_claims(evals):
                         "token_allocation": "alloc-t", "budget": 4.0, "layer": layer, "metric": metric, "value": v,
                         "seed": 0}
                        for metric, vals in {"spearman": [0.99, 0.95, 0.97], "js_divergence_weighted": [0.01, 0.02, 0.0],
-                                            "experts_entropy_spearman": [0.9, 0.8, 0.85]}.items()
+                                            "experts_entropy_spearman": [0.9, 0.8, 0.85],
+                                            "entropy_delta": [-0.01, 0.04, -0.03]}.items()
                        for layer, v in enumerate(vals)])
     lat = pd.DataFrame([{"model": "m", "plan": p, "layer_method": lm, "token_allocation": tk, "budget": 4.0,
                          "phase": ph, "speedup": s, "ideal_speedup": 1.5, "seed": 0}
@@ -153,6 +154,8 @@ def test_layer_and_latency_claims(evals):
     r = _row(df, "fig8-load-order-preserved")
     assert r.effect == 0.95 and r.verdict == "holds (point)" and r.n_items == 3
     assert _row(df, "fig8-js-small").verdict == "does not hold (point)"  # 0.02 in one layer > 0.014
+    r = _row(df, "fig8-entropy-kept")  # the layer farthest from 0, either sign
+    assert r.effect == 0.04 and r.verdict == "does not hold (point)"
     e = _row(df, "fig12-experts-follow-entropy")
     assert e.effect == pytest.approx(0.85) and 0.8 <= e.ci_low <= e.ci_high <= 0.9 and e.verdict == "holds"
     r = _row(df, "fig5-speedup-as-lexi", group="prefill")
