@@ -302,7 +302,7 @@ def latency_rows(c: Claim, lat: pd.DataFrame | None, k_base: int, calibration: s
         for (model, budget, phase), g in ratio.groupby(["model", "budget", "phase"], sort=True):
             rows.append({"model": model, "budget": float(budget), "group": phase, "comparison": f"{c.a} vs {ref}",
                          "effect": float(g.r.mean() - 1.0), "seeds": g.seed.nunique(),
-                         "test": "point: median speedups, no per-run times"})
+                         "test": "point: median speedups (no per-run times)"})
     return rows
 
 
