@@ -176,6 +176,12 @@ def _leaves(res: dict, name: str) -> list[str]:
     return [leaf for sub in res.get("group_subtasks", {}).get(name, []) for leaf in _leaves(res, sub)]
 
 
+def _tagged(res: dict, task: str, tag: str) -> bool:
+    """Whether lm-eval's config of `task` lists `tag` among its tags (a tag is not a group: no group_subtasks)."""
+    tags = (res.get("configs", {}).get(task) or {}).get("tag") or []
+    return tag in ([tags] if isinstance(tags, str) else tags)
+
+
 def _compact(v) -> int | float | None:
     """A per-document metric value as stored: an int when integral (acc: 0/1), else rounded; None if not a number."""
     if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v)):
@@ -187,7 +193,7 @@ def task_items(res: dict, spec: TaskSpec) -> dict[str, list]:
     """{leaf lm-eval task: [per-document metric value in doc_id order]} of one spec from `simple_evaluate(...,
     log_samples=True)`'s results; the same filter as `task_score` (`spec.filter`, else the first one logged)."""
     samples = res.get("samples") or {}
-    names = _leaves(res, spec.name) or ([n for n in samples if n != spec.name] if spec.kind == "tag" else [])
+    names = _leaves(res, spec.name) or [n for n in samples if _tagged(res, n, spec.name)]
     out = {}
     for name in sorted(names):
         logged = [s for s in samples[name] if spec.metric in s]
