@@ -19,9 +19,9 @@ groups, or the mean over seeds (each seed's weights sum to 1/n_seeds).
   per stratum. Several seeds: the seeds are resampled with replacement, then the items within each drawn seed (two
   levels: the interval carries the spread between training seeds as well as the items; with 2-3 seeds it is rough).
 
-Resampling n items with replacement is done as a multinomial draw over the stratum's distinct differences (exactly the
-same distribution; for 0/1 scores a difference takes at most 3 values, so it costs nothing), so the interval does not
-depend on the items' order.
+Resampling n items with replacement: for few distinct differences (0/1 scores give at most 3) it draws how often each
+value is drawn (the same distribution, at a cost independent of n), else the indices themselves; the distinct values
+are taken in sorted order, so the interval does not depend on the items' order.
 """
 
 from typing import NamedTuple
@@ -32,7 +32,8 @@ from ..errors import AllocMoeError
 
 N_RESAMPLES = 4000
 CONFIDENCE = 0.95
-_CHUNK = 2_000_000  # multinomial cells drawn at once (memory: 8 bytes each)
+_CHUNK = 2_000_000  # indices drawn at once (memory: 8 bytes each)
+_FEW = 16  # at most this many distinct differences: binomial counts, not indices
 
 
 class Stratum(NamedTuple):
@@ -66,12 +67,22 @@ def unpaired_se(strata: list[Stratum]) -> float:
 
 
 def resampled_means(d: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
-    """[m] means of `d` [n] resampled with replacement: a multinomial draw over its distinct values."""
+    """[m] means of `d` [n] resampled with replacement. Few distinct values (0/1 scores: at most 3 differences): how
+    often each is drawn, as a chain of binomials (the multinomial's exact conditional form), vectorised over the m
+    resamples; otherwise drawn indices, _CHUNK at a time."""
     values, counts = np.unique(d, return_counts=True)
-    p = counts / d.size
-    rows = max(1, _CHUNK // values.size)
-    out = [rng.multinomial(d.size, p, size=min(rows, m - i)) @ values for i in range(0, m, rows)]
-    return np.concatenate(out) / d.size
+    n = d.size
+    if values.size > _FEW:
+        rows = max(1, _CHUNK // n)
+        sums = [d[rng.integers(0, n, size=(min(rows, m - i), n))].sum(axis=1) for i in range(0, m, rows)]
+        return np.concatenate(sums) / n
+    sums, left, rest = np.zeros(m), np.full(m, n), n
+    for v, c in zip(values[:-1], counts[:-1]):
+        k = rng.binomial(left, c / rest)  # draws of v among the draws left, given those of the values before
+        sums += k * v
+        left -= k
+        rest -= c
+    return (sums + left * values[-1]) / n
 
 
 def bootstrap_interval(per_seed: list[list[Stratum]], *, n_resamples: int = N_RESAMPLES,
