@@ -79,13 +79,13 @@ CLAIMS = [
     Claim("fig6-alloc-t-vs-token-baselines", "Fig. 6 (sec. 4.7)",
           "Alloc-T scores at least as well as top-k, top-p (Dynamic-MoE) and NAEE, all under Uniform layers",
           "methods", "Alloc-T", ("Uniform", "Dynamic-MoE", "NAEE")),
-    Claim("table4-l-improves-uniform", "Table 4 (1) (sec. 4.7)",
+    Claim("table4-l-improves-uniform", "Table 4 item 1 (sec. 4.7)",
           "+L (Alloc-L) improves on Uniform at every budget (mean of the groups)",
           "methods", "Alloc-L", ("Uniform",), groups=("mean",)),
-    Claim("table4-t-improves-uniform", "Table 4 (2) (sec. 4.7)",
+    Claim("table4-t-improves-uniform", "Table 4 item 2 (sec. 4.7)",
           "+T (Alloc-T) improves on Uniform at every budget (mean of the groups)",
           "methods", "Alloc-T", ("Uniform",), groups=("mean",)),
-    Claim("table4-lt-near-best", "Table 4 (3) (sec. 4.7)",
+    Claim("table4-lt-near-best", "Table 4 item 3 (sec. 4.7)",
           "+L+T is the best or near-best: at most 0.5 points below +L and below +T (mean of the groups)",
           "methods", "Alloc-MoE", ("Alloc-L", "Alloc-T"), groups=("mean",), low=-0.5),
     Claim("table2-k-base-1-near-best", "Table 2 (sec. 4.3)",
@@ -355,7 +355,7 @@ def claims_details(df: pd.DataFrame) -> str:
     """fidelity.md's tail: every row of the claims table, one section per claim."""
     lines = ["## The claims, row by row", ""]
     for c in CLAIMS:
-        lines += [f"### {c.id} ({c.paper})", "", "| model | B | group | comparison | effect [95% CI] | test | verdict |",
+        lines += [f"### {c.id}: {c.paper}", "", "| model | B | group | comparison | effect [95% CI] | test | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for r in df[df.claim == c.id].itertuples():
             ci = f" [{r.ci_low:+.3f}, {r.ci_high:+.3f}]" if math.isfinite(r.ci_low) else ""
