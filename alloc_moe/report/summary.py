@@ -33,8 +33,8 @@ def eval_files(paths: list[str | Path]) -> list[Path]:
 
 
 def accuracy_table(evals: list[str | Path]) -> pd.DataFrame:
-    """All rows of the eval JSONs, sorted on the key columns (byte-stable CSV)."""
-    rows = [r for p in evals for r in json.loads(Path(p).read_text())["rows"]]
+    """All rows of the eval JSONs (files or directories of them), sorted on the key columns (byte-stable CSV)."""
+    rows = [r for p in eval_files(evals) for r in json.loads(Path(p).read_text())["rows"]]
     df = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
     df["k_base"] = df["k_base"].astype("string")
     return df.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
@@ -43,7 +43,7 @@ def accuracy_table(evals: list[str | Path]) -> pd.DataFrame:
 def eval_perplexity_table(evals: list[str | Path]) -> pd.DataFrame:
     """Perplexity per family (and 'all') recorded by `alloc-moe eval --perplexity`, with the change vs original."""
     rows = []
-    for p in evals:
+    for p in eval_files(evals):
         d = json.loads(Path(p).read_text())
         if "perplexity" not in d:
             continue

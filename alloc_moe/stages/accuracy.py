@@ -11,6 +11,11 @@ run again, evaluates only the plans it had not finished and writes the same byte
 
 Scores are in points (0-100); a task's standard error is lm-eval's; group scores are the mean of the group's tasks
 (`tasks.group_scores`). Output JSON has no timestamps: same inputs, same bytes.
+
+Per-item results (`"items"`, for the paired statistics of `alloc_moe.report.claims`): {task: {lm-eval task: [metric
+value per document, in doc_id order]}}, from lm-eval's sample logs; a leaf task is its own single member, a group or
+tag lists its leaf tasks. Values are the metric's per-document value (0/1 ints for acc and exact_match, not points);
+a task whose per-document metric is not a number (corpus-level metrics) has no entry.
 """
 
 import dataclasses
@@ -164,6 +169,44 @@ def task_score(results: dict, spec: TaskSpec) -> tuple[float, float]:
     return sum(v for v, _ in vals) / len(vals), math.sqrt(sum(s * s for _, s in vals)) / len(vals)
 
 
+def _leaves(res: dict, name: str) -> list[str]:
+    """The lm-eval tasks with sample logs under `name`: itself, or its group's subtasks, recursively."""
+    if name in res.get("samples", {}):
+        return [name]
+    return [leaf for sub in res.get("group_subtasks", {}).get(name, []) for leaf in _leaves(res, sub)]
+
+
+def _tagged(res: dict, task: str, tag: str) -> bool:
+    """Whether lm-eval's config of `task` lists `tag` among its tags (a tag is not a group: no group_subtasks)."""
+    tags = (res.get("configs", {}).get(task) or {}).get("tag") or []
+    return tag in ([tags] if isinstance(tags, str) else tags)
+
+
+def _compact(v) -> int | float | None:
+    """A per-document metric value as stored: an int when integral (acc: 0/1), else rounded; None if not a number."""
+    if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v)):
+        return int(v) if float(v).is_integer() else round(float(v), 6)
+    return None
+
+
+def task_items(res: dict, spec: TaskSpec) -> dict[str, list]:
+    """{leaf lm-eval task: [per-document metric value in doc_id order]} of one spec from `simple_evaluate(...,
+    log_samples=True)`'s results; the same filter as `task_score` (`spec.filter`, else the first one logged)."""
+    samples = res.get("samples") or {}
+    names = _leaves(res, spec.name) or [n for n in samples if _tagged(res, n, spec.name)]
+    out = {}
+    for name in sorted(names):
+        logged = [s for s in samples[name] if spec.metric in s]
+        if not logged:
+            continue
+        filt = spec.filter or logged[0]["filter"]
+        values = [_compact(s[spec.metric]) for s in sorted((s for s in logged if s["filter"] == filt),
+                                                          key=lambda s: s["doc_id"])]
+        if values and None not in values:
+            out[name] = values
+    return out
+
+
 # ---- evaluation -------------------------------------------------------------------------------------------------
 def plan_fields(plan: Plan | None, model_obj=None, k_orig: int | None = None, num_layers: int | None = None) -> dict:
     if plan is None:
@@ -211,7 +254,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=[t for _, t in tasks], num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                log_samples=False, verbosity="ERROR")
+                log_samples=True, verbosity="ERROR")
             record = getattr(lm, "alloc_moe_record", None)  # vLLM: version, scheduler settings, Alloc-T scope
         layers = impl.engine_layers(model, dtype, device)
         k_orig, num_layers = (layers[0].k_orig, len(layers)) if layers else (None, None)
@@ -242,6 +285,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
                                     **{k: ppl[k] for k in ("ppl", "n_tokens", "per_family", "activations_per_token")},
                                     "computed_pairs": {str(r["layer"]): r["computed_pairs"] for r in ppl["layers"]}}
         result["environment"] = environment()
+        result["items"] = {s.name: task_items(res, s) for s, _ in tasks}  # last: long lists
         out.append(result)
     return out
 

@@ -65,6 +65,15 @@ def test_equal_runs_exit_0(tmp_path, base, capsys):
     assert err == ""
 
 
+def test_claims_table_is_not_compared(tmp_path, base, capsys):
+    """claims.csv (verdicts derived from the compared values) is not a TABLES entry: in one run or both, ignored."""
+    cur = make_run(tmp_path, "cur")
+    (cur / "summary/claims.csv").write_text("claim,verdict\nfig3,does not hold\n")
+    (base / "summary/claims.csv").write_text("claim,verdict\nfig3,holds\n")
+    code, out, err = cli(capsys, "--baseline", base, "--current", cur)
+    assert code == 0 and "8 ok" in out and "claims" not in out + err
+
+
 def test_run_dir_or_summary_dir_are_both_accepted(tmp_path, base, capsys):
     cur = make_run(tmp_path, "cur")
     assert cli(capsys, "--baseline", base / "summary", "--current", cur)[0] == 0

@@ -145,7 +145,8 @@ def test_report_holds_every_figure_and_table(report):
     work, _, results = report
     figures = {str(p.relative_to(work)) for p in (work / "results").glob("**/figures/*.png")}
     assert len(figures) == 5 + 5  # fig3, fig4, fig6, perplexity, tradeoff; 5 figures of the one run
-    tables = ["accuracy.csv", "perplexity.csv", "latency.csv", "load_balance.csv", "fidelity.md", "environment.json",
+    tables = ["accuracy.csv", "perplexity.csv", "latency.csv", "load_balance.csv", "fidelity.md", "claims.csv",
+              "environment.json",
               "tables/table2_tiny.md", "tables/table3_tiny.md", "tables/table4_tiny.md"]
     assert all((work / "results/summary" / t).is_file() for t in tables)
     pages = {f"results/summary/report/{Path(t).stem}.html" for t in tables}

@@ -83,6 +83,13 @@ def test_tight_plan_changes_scores_and_computed_pairs(setup, tmp_path):
     assert orig["perplexity"]["activations_per_token"] == 4 and tight["perplexity"]["activations_per_token"] == 2
     assert tight["perplexity"]["ppl"] != orig["perplexity"]["ppl"]
     assert {g["group"] for g in orig["groups"]} == {"NLU", "Reasoning", "Math"}
+    # per-item results (the claims' paired statistics): one 0/1 int per document, their mean is the task's score
+    for res in (orig, tight):
+        assert list(res)[-1] == "items" and sorted(res["items"]) == sorted(embedded.ITEMS)
+        for row in res["rows"]:
+            values = res["items"][row["task"]][row["task"]]
+            assert len(values) == N and set(values) <= {0, 1}
+            assert 100 * sum(values) / N == pytest.approx(row["value"], abs=1e-5)
 
 
 def test_output_is_byte_stable(setup, tmp_path):
@@ -161,3 +168,25 @@ def test_embedded_tasks_load_offline_and_a_trained_model_beats_chance(tmp_path, 
     for g in res["groups"]:
         base = sum(chance[g["group"]]) / len(chance[g["group"]])
         assert g["value"] >= base + margin[g["group"]], (g, base)
+
+
+def test_task_items_of_a_task_a_group_and_a_tag():
+    """Per-item values from lm-eval's sample logs: doc_id order, the spec's filter (else the first logged), a group's
+    leaf tasks through group_subtasks, a tag's members through their configs' tags; ints where integral."""
+    from alloc_moe.data.tasks import TaskSpec
+    from alloc_moe.stages.accuracy import task_items
+
+    res = {"samples": {"a1": [{"doc_id": 1, "filter": "f", "exact_match": 1.0},
+                              {"doc_id": 0, "filter": "f", "exact_match": 0.0},
+                              {"doc_id": 0, "filter": "g", "exact_match": 1.0}],
+                       "a2": [{"doc_id": 0, "filter": "none", "exact_match": True}],
+                       "boolq": [{"doc_id": 0, "filter": "none", "acc": 1}],
+                       "mmlu_x": [{"doc_id": 0, "filter": "none", "acc": 0.25}],
+                       "bleu_task": [{"doc_id": 0, "filter": "none", "bleu": ("ref", "pred")}]},
+           "configs": {"a1": {"tag": ["acp_bench", "x"]}, "a2": {"tag": "acp_bench"}, "boolq": {}},
+           "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_x"]}}
+    assert task_items(res, TaskSpec("acp_bench", "Reasoning", "exact_match", kind="tag")) == {"a1": [0, 1], "a2": [1]}
+    assert task_items(res, TaskSpec("mmlu", "Reasoning", "acc", kind="group")) == {"mmlu_x": [0.25]}
+    assert task_items(res, TaskSpec("boolq", "NLU", "acc", filter="none")) == {"boolq": [1]}
+    assert task_items(res, TaskSpec("a1", "NLU", "exact_match", filter="g")) == {"a1": [1]}
+    assert task_items(res, TaskSpec("bleu_task", "NLU", "bleu")) == {}  # not a number per document: no items

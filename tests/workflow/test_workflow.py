@@ -59,6 +59,35 @@ def test_workflow_writes_latency_and_load_balance(run):
         assert (run / f"results/tiny-s0/figures/{f}.png").stat().st_size > 5_000, f
 
 
+def test_workflow_writes_claims_table_consistent_with_accuracy(run):
+    from alloc_moe.report.claims import CLAIMS, COLUMNS, verdict
+    from alloc_moe.report.summary import group_table
+
+    claims = pd.read_csv(run / "results/summary/claims.csv", keep_default_na=False, na_values={
+        c: [""] for c in ("budget", "effect", "ci_low", "ci_high", "se_paired", "se_unpaired")})
+    assert list(claims.columns) == COLUMNS and [c.id for c in CLAIMS] == list(dict.fromkeys(claims.claim))
+    acc = pd.read_csv(run / "results/summary/accuracy.csv", dtype={"k_base": "string"}, keep_default_na=False)
+    g = group_table(acc, k_base=1, calibration="balanced").set_index(["method", "budget", "group"]).value
+    fig3 = claims[(claims.claim == "fig3-alloc-moe-vs-baselines") & (claims.comparison == "Alloc-MoE vs Uniform")]
+    assert sorted(set(fig3.budget)) == [4, 5] and set(fig3.group) == {"NLU", "Reasoning", "Math", "mean"}
+    for r in fig3.itertuples():  # per-item effects agree with the task scores; every row has a paired interval
+        groups = ["NLU", "Reasoning", "Math"] if r.group == "mean" else [r.group]
+        expected = sum(g["Alloc-MoE", r.budget, x] - g["Uniform", r.budget, x] for x in groups) / len(groups)
+        assert r.effect == pytest.approx(expected, abs=1e-4)
+        assert r.ci_low <= r.effect + 1e-9 and r.effect - 1e-9 <= r.ci_high and r.se_paired <= r.se_unpaired + 1e-9
+        assert r.test == "paired bootstrap over items" and r.seeds == 1 and r.n_items > 0
+    for r in claims.itertuples():  # the verdict follows from the row by the stated rule
+        c = next(c for c in CLAIMS if c.id == r.claim)
+        if not r.verdict.startswith("unresolved ("):
+            ci = (r.ci_low, r.ci_high) if r.ci_low == r.ci_low else None
+            assert r.verdict == verdict(c.low, c.high, r.effect, ci), r
+    # Dynamic-MoE (top-p) is evaluated, NAEE is not; Ascending is timed, never evaluated
+    assert (claims[claims.comparison == "Alloc-MoE vs NAEE"].verdict == "unresolved (no data)").all()
+    assert claims[claims.claim == "fig5-speedup-as-lexi"].group.tolist() == ["decode", "prefill"] * 2
+    fidelity = (run / "results/summary/fidelity.md").read_text()
+    assert fidelity.startswith("## The paper's claims on this run") and "## Scores over training seeds" in fidelity
+
+
 def test_workflow_is_up_to_date_after_a_run(run):
     res = snakemake(run, "--cores", "1", "--dry-run", "--quiet")
     assert res.returncode == 0

@@ -378,7 +378,7 @@ def final_targets():
     hf_models = [m for m in MODEL_NAMES if config["models"][m].get("backend", "hf") == "hf"]
     run_figures = ["speedup_vs_budget", "expert_load", "load_balance_by_layer", "plan_allocation", "experts_vs_entropy"]
     return [
-        *(f"results/summary/{t}.csv" for t in ["accuracy", "perplexity", "latency", "load_balance"]),
+        *(f"results/summary/{t}.csv" for t in ["accuracy", "perplexity", "latency", "load_balance", "claims"]),
         *expand("results/summary/figures/{fig}_{model}.png", fig=["fig3", "fig4", "fig6", "tradeoff"],
                 model=MODEL_NAMES),
         *expand("results/summary/figures/perplexity_{model}.png", model=hf_models),

@@ -11,7 +11,6 @@ from alloc_moe.report.summary import (
     accuracy_table,
     eval_files,
     eval_perplexity_table,
-    fidelity_report,
     paper_tables,
     write_csv,
 )
@@ -26,7 +25,5 @@ tables = paper_tables(acc, k_base=snakemake.params.k_base, calibration=snakemake
                       k_base_sweep=snakemake.params.k_base_sweep)
 for path in snakemake.output.tables:
     atomic_write_text(path, tables[Path(path).stem])
-atomic_write_text(snakemake.output.fidelity, fidelity_report(acc, ppl, k_base=snakemake.params.k_base,
-                                                             calibration=snakemake.params.calibration))
 # versions, git commit and hardware next to the tables (kept out of the CSVs so they stay byte-identical)
 atomic_write_text(snakemake.output.environment, json.dumps(environment(), indent=1) + "\n")

@@ -1,0 +1,178 @@
+"""`alloc_moe.report.claims`: the verdict rule, and claims evaluated on hand-made eval JSONs, latency and
+load-balance tables (holds / does not hold / unresolved / no data), byte-stable claims.csv."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from alloc_moe.report.claims import CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, verdict
+from alloc_moe.report.summary import eval_files, write_csv
+
+N = 100  # items per task
+METHODS = {"Uniform": ("uniform", "topk", ""), "Alloc-MoE": ("alloc-l", "alloc-t", 1), "LExI": ("lexi", "topk", ""),
+           "Alloc-T": ("uniform", "alloc-t", 1)}
+TASKS = {"t_nlu": "NLU", "t_math": "Math"}
+
+
+def _write(d, method, budget, items, seed=0, per_item=True):
+    """An eval JSON of `method` at `budget`: items {task: [0/1] * N}; rows score their mean in points."""
+    layer, token, kb = METHODS[method]
+    rows = [{"model": "m", "layer_method": layer, "token_allocation": token, "k_base": kb, "budget": float(budget),
+             "calibration": "cal" if layer == "alloc-l" else "", "backend": "hf", "task": t, "group": TASKS[t],
+             "metric": "acc", "value": 100.0 * sum(v) / len(v), "stderr": 1.0, "seed": seed} for t, v in items.items()]
+    res = {"rows": rows, **({"items": {t: {t: v} for t, v in items.items()}} if per_item else {})}
+    path = d / f"{layer}__{token}__kb{kb or 1}__B{budget}__s{seed}.json"
+    path.write_text(json.dumps(res))
+    return path
+
+
+def _base():
+    return [1] * 60 + [0] * 40
+
+
+def _better(k):  # the base with k more items right
+    return [1] * (60 + k) + [0] * (40 - k)
+
+
+def _row(df, claim, **kw):
+    d = df[df.claim == claim]
+    for k, v in kw.items():
+        d = d[d[k] == v]
+    assert len(d) == 1, (claim, kw, d)
+    return d.iloc[0]
+
+
+@pytest.mark.parametrize("low, high, effect, ci, expected", [
+    (0, math.inf, 0.5, (0.1, 0.9), "holds"),
+    (0, math.inf, 0.0, (0.0, 0.0), "holds"),  # identical answers: A >= B holds exactly
+    (0, math.inf, -0.5, (-0.9, -0.1), "does not hold"),
+    (0, math.inf, 0.2, (-0.3, 0.7), "unresolved"),
+    (-1, 1, 0.2, (-0.5, 0.8), "holds"),
+    (-1, 1, 1.5, (1.1, 1.9), "does not hold"),
+    (-1, 1, 0.9, (0.5, 1.3), "unresolved"),
+    (0.7, 1, 0.8, None, "holds (point)"),
+    (0.7, 1, 0.6, None, "does not hold (point)"),
+    (0, math.inf, math.nan, None, "unresolved (no data)"),
+])
+def test_verdict_rule(low, high, effect, ci, expected):
+    assert verdict(low, high, effect, ci) == expected
+
+
+@pytest.fixture
+def evals(tmp_path):
+    d = tmp_path / "eval"
+    d.mkdir()
+    base = {"t_nlu": _base(), "t_math": _base()}
+    _write(d, "Uniform", 4, base)
+    lexi = _better(20)
+    lexi[0:12], lexi[85:93] = [0] * 12, [1] * 8  # Alloc-MoE right on 12 items LExI misses, wrong on 8 it gets
+    _write(d, "LExI", 4, {"t_nlu": _base(), "t_math": lexi})
+    _write(d, "Alloc-MoE", 4, {"t_nlu": _base(), "t_math": _better(20)})  # 20 more right, none lost
+    _write(d, "Alloc-T", 4, {"t_nlu": _base(), "t_math": [0] * 30 + [1] * 30 + [0] * 40})  # 30 fewer right
+    return d
+
+
+def test_accuracy_claims_hold_fail_and_stay_unresolved(evals):
+    df = claims_table([evals], k_base=1, calibration="cal")
+    assert list(df.columns) == COLUMNS and set(df.claim) == {c.id for c in CLAIMS}
+    fig3 = "fig3-alloc-moe-vs-baselines"
+    math_u = _row(df, fig3, group="Math", comparison="Alloc-MoE vs Uniform")
+    assert math_u.effect == pytest.approx(20.0) and math_u.verdict == "holds" and math_u.ci_low > 0
+    assert math_u.n_items == N and math_u.seeds == 1 and math_u.test == "paired bootstrap over items"
+    assert math_u.se_paired < math_u.se_unpaired  # the same items: the paired SE is the smaller
+    # the mean of the groups: NLU (identical) and Math weigh 1/2 each
+    assert _row(df, fig3, group="mean", comparison="Alloc-MoE vs Uniform").effect == pytest.approx(10.0)
+    nlu = _row(df, fig3, group="NLU", comparison="Alloc-MoE vs Uniform")
+    assert (nlu.effect, nlu.ci_low, nlu.ci_high, nlu.verdict) == (0.0, 0.0, 0.0, "holds")
+    # +4 points from 12 items won and 8 lost: within the noise
+    lexi = _row(df, fig3, group="Math", comparison="Alloc-MoE vs LExI")
+    assert lexi.effect == pytest.approx(4.0) and lexi.ci_low < 0 < lexi.ci_high and lexi.verdict == "unresolved"
+    # Alloc-T loses 30 items against Uniform: does not hold; against top-p (never evaluated): no data
+    fig6 = "fig6-alloc-t-vs-token-baselines"
+    t = _row(df, fig6, group="Math", comparison="Alloc-T vs Uniform")
+    assert t.effect == pytest.approx(-30.0) and t.verdict == "does not hold" and t.ci_high < 0
+    dyn = _row(df, fig6, comparison="Alloc-T vs Dynamic-MoE")
+    assert dyn.verdict == "unresolved (no data)" and dyn.test == "Dynamic-MoE not evaluated" and dyn.group == ""
+    # claims without any data: one row each
+    for claim in ("fig4-alloc-l-vs-layer-baselines", "table2-k-base-1-near-best", "table3-calibration-insensitive",
+                  "fig5-speedup-as-lexi", "fig8-js-small"):
+        r = _row(df, claim)
+        assert r.verdict == "unresolved (no data)" and r.test == "no data" and r.model == ""
+
+
+def test_unresolved_when_the_difference_is_within_the_noise(tmp_path):
+    d = tmp_path / "e"
+    d.mkdir()
+    _write(d, "Uniform", 4, {"t_math": _base()})
+    swapped = _base()
+    swapped[0], swapped[-1], swapped[-2] = 0, 1, 1  # one item lost, two gained
+    _write(d, "Alloc-MoE", 4, {"t_math": swapped})
+    r = _row(claims_table([d], k_base=1, calibration="cal"), "fig3-alloc-moe-vs-baselines", group="Math",
+             comparison="Alloc-MoE vs Uniform")
+    assert r.effect == pytest.approx(1.0) and r.ci_low < 0 < r.ci_high and r.verdict == "unresolved"
+
+
+def test_seeds_are_paired_and_resampled(tmp_path):
+    d = tmp_path / "e"
+    d.mkdir()
+    for seed, k in ((0, 10), (1, 30)):
+        _write(d, "Uniform", 4, {"t_math": _base()}, seed=seed)
+        _write(d, "Alloc-MoE", 4, {"t_math": _better(k)}, seed=seed)
+    r = _row(claims_table([d], k_base=1, calibration="cal"), "fig3-alloc-moe-vs-baselines", group="Math",
+             comparison="Alloc-MoE vs Uniform")
+    assert r.effect == pytest.approx(20.0) and r.seeds == 2 and r.test == "paired bootstrap over items and seeds"
+    assert 5.0 <= r.ci_low < 10.0 and 30.0 < r.ci_high <= 35.0  # drawn seeds span 10..30, plus the items' noise
+
+
+def test_without_per_item_results_the_effect_is_shown_and_unresolved(tmp_path):
+    d = tmp_path / "e"
+    d.mkdir()
+    _write(d, "Uniform", 4, {"t_math": _base()}, per_item=False)
+    _write(d, "Alloc-MoE", 4, {"t_math": _better(20)}, per_item=False)
+    r = _row(claims_table([d], k_base=1, calibration="cal"), "fig3-alloc-moe-vs-baselines", group="Math",
+             comparison="Alloc-MoE vs Uniform")
+    assert r.effect == pytest.approx(20.0) and math.isnan(r.ci_low)
+    assert r.verdict == "unresolved (no per-item results)" and r.test == "point: no per-item results"
+
+
+def test_layer_and_latency_claims(evals):
+    lb = pd.DataFrame([{"model": "m", "plan": "alloc-l__alloc-t__kb1__cal__B4", "layer_method": "alloc-l",
+                        "token_allocation": "alloc-t", "budget": 4.0, "layer": layer, "metric": metric, "value": v,
+                        "seed": 0}
+                       for metric, vals in {"spearman": [0.99, 0.95, 0.97], "js_divergence_weighted": [0.01, 0.02, 0.0],
+                                            "experts_entropy_spearman": [0.9, 0.8, 0.85],
+                                            "entropy_delta": [-0.01, 0.04, -0.03]}.items()
+                       for layer, v in enumerate(vals)])
+    lat = pd.DataFrame([{"model": "m", "plan": p, "layer_method": lm, "token_allocation": tk, "budget": 4.0,
+                         "phase": ph, "speedup": s, "ideal_speedup": 1.5, "seed": 0}
+                        for p, lm, tk, s in (("lexi__topk__kb1__none__B4", "lexi", "topk", 1.4),
+                                             ("alloc-l__alloc-t__kb1__cal__B4", "alloc-l", "alloc-t", 1.05))
+                        for ph in ("prefill", "decode")])
+    df = claims_table([evals], k_base=1, calibration="cal", latency=lat, load_balance=lb)
+    r = _row(df, "fig8-load-order-preserved")
+    assert r.effect == 0.95 and r.verdict == "holds (point)" and r.n_items == 3
+    assert _row(df, "fig8-js-small").verdict == "does not hold (point)"  # 0.02 in one layer > 0.014
+    r = _row(df, "fig8-entropy-kept")  # the layer farthest from 0, either sign
+    assert r.effect == 0.04 and r.verdict == "does not hold (point)"
+    e = _row(df, "fig12-experts-follow-entropy")
+    assert e.effect == pytest.approx(0.85) and 0.8 <= e.ci_low <= e.ci_high <= 0.9 and e.verdict == "holds"
+    r = _row(df, "fig5-speedup-as-lexi", group="prefill")
+    assert r.effect == pytest.approx(1.05 / 1.4 - 1) and r.verdict == "does not hold (point)"
+    assert _row(df, "fig5-speedup-near-ideal", group="decode").effect == pytest.approx(1.05 / 1.5 - 1)
+
+
+def test_claims_csv_is_byte_stable_and_fidelity_sections(evals, tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    write_csv(claims_table([evals], k_base=1, calibration="cal"), a)
+    write_csv(claims_table(sorted(evals.glob("*.json"))[::-1], k_base=1, calibration="cal"), b)
+    assert a.read_bytes() == b.read_bytes()
+    df = pd.read_csv(a)
+    text = claims_summary(df) + claims_details(df)
+    assert all(c.id in text for c in CLAIMS) and "| fig3-alloc-moe-vs-baselines |" in text
+
+
+def test_eval_files_expands_directories(evals):
+    files = sorted(evals.glob("*.json"))
+    assert eval_files([evals]) == files and eval_files([str(files[0])]) == files[:1]
