@@ -20,6 +20,8 @@ rule latency:
     threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
         gpu=latency_gpu,
+        mem_mb=checkpoint_or(64000, 4000),
+        runtime=checkpoint_or(60, 30),
     log:
         "results/{run}/logs/latency.log",
     conda:

@@ -20,6 +20,8 @@ rule load_balance:
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
+        mem_mb=checkpoint_or(64000, 4000),
+        runtime=checkpoint_or(60, 30),
     log:
         "results/{run}/logs/load_balance.log",
     conda:

@@ -14,6 +14,8 @@ rule profile_ppl:
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
+        mem_mb=checkpoint_or(64000, 4000),
+        runtime=checkpoint_or(240, 30),
     log:
         "results/{run}/logs/profile_ppl_{calib}.log",
     conda:
@@ -35,6 +37,8 @@ rule profile_lexi:
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
+        mem_mb=checkpoint_or(64000, 4000),
+        runtime=checkpoint_or(60, 30),
     log:
         "results/{run}/logs/profile_lexi.log",
     conda:
@@ -60,6 +64,8 @@ rule routing_scores:
     threads: 1
     resources:
         gpu=gpu_of_run,  # a real checkpoint loads on the GPU (--device auto)
+        mem_mb=checkpoint_or(64000, 4000),
+        runtime=checkpoint_or(60, 30),
     log:
         "results/{run}/logs/routing_{calib}.log",
     conda:
