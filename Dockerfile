@@ -25,26 +25,35 @@ COPY workflow /app/workflow
 COPY envs /app/envs
 COPY alloc_moe /app/alloc_moe
 
-# ---- cpu: install into a venv in a build stage, copy only the venv into the runtime stage ----
+# ---- cpu: the dependencies into a venv in a build stage; the runtime stage copies that venv (2 GB) and installs the
+# project over it from a wheel, so that an edit of alloc_moe/ or README.md re-runs only the small layers: the venv
+# copy stays cached (CI rebuilds on every commit) ----
 FROM ${CPU_BASE} AS cpu-build
 ARG WHEELHOUSE=docker/wheelhouse
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY docker/install.sh /usr/local/bin/alloc-moe-install
 COPY ${WHEELHOUSE}/ /wheels/
-COPY pyproject.toml README.md /src/
-# dependencies first, against an empty package, so that a source edit only re-runs the last (no-deps) install
-RUN mkdir /src/alloc_moe && touch /src/alloc_moe/__init__.py && python3 -m venv /opt/venv \
+COPY pyproject.toml /src/
+# dependencies against an empty package and an empty README (pyproject's readme): only a pyproject edit re-runs them
+RUN mkdir /src/alloc_moe && touch /src/alloc_moe/__init__.py /src/README.md && python3 -m venv /opt/venv \
     && alloc-moe-install /opt/venv/bin/pip /wheels "${TORCH_INDEX}" "torch==2.13.0" "/src[workflow]"
+
+# the project as a wheel (no dependencies), built offline from the wheelhouse's setuptools
+FROM cpu-build AS cpu-wheel
+COPY README.md /src/
 COPY alloc_moe /src/alloc_moe
 # the stub build left /src/build (newer than the real sources): drop it so setuptools copies the real files
 RUN rm -rf /src/build /src/*.egg-info \
-    && PIP_NO_DEPS=1 PIP_FORCE_REINSTALL=1 alloc-moe-install /opt/venv/bin/pip /wheels "" /src
+    && /opt/venv/bin/pip wheel --no-deps --no-index --find-links /wheels --wheel-dir /dist /src
 
 FROM ${CPU_BASE} AS cpu
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg HOME=/home/alloc
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin alloc
 COPY --from=cpu-build /opt/venv /opt/venv
+COPY --from=cpu-wheel /dist /dist
+RUN pip install --no-deps --no-index --force-reinstall --no-cache-dir --disable-pip-version-check /dist/*.whl \
+    && rm -rf /dist
 COPY --from=app --chown=alloc:alloc /app /app
 WORKDIR /app
 USER 10001

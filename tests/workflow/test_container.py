@@ -30,3 +30,20 @@ def test_app_stage_has_the_repository_layout_the_workflow_hashes():
     app = (ROOT / "Dockerfile").read_text().split("FROM scratch AS app", 1)[1].split("\nFROM ", 1)[0]
     for path in ("Snakefile", "config", "workflow", "envs", "alloc_moe"):
         assert f"COPY {path} /app/" in app, path
+
+
+def test_ci_runs_the_container_stage_after_the_readme_command():
+    """Cheap, always run: .ci/run ends with .ci/container-run (not behind a switch), which runs CI's reduced default
+    in the image as .ci/regress-reference runs it on the host (same target, 1 core, config copied in as
+    config/config.yaml), offline, as the image's user, and regresses against results/reference/ci."""
+    run = (ROOT / ".ci/run").read_text()
+    assert run.index("set -x; $cmd\"") < run.index("\n.ci/container-run\n")
+    script = (ROOT / ".ci/container-run").read_text()
+    reference = (ROOT / ".ci/regress-reference").read_text()
+    assert 'cp config/ci.yaml "$work/config/config.yaml"' in script
+    assert 'cp config/ci.yaml "$work/config/config.yaml"' in reference
+    assert "results/summary/manifest.json --snakefile" in reference and "--cores 1" in reference
+    assert "run_args=(results/summary/manifest.json --snakefile /app/Snakefile --directory /work --cores 1" in script
+    assert script.count("--network none") >= 3 and "--user" not in script.replace("--user is not used", "")
+    assert "--baseline /work/reference" in script and "cp -r results/reference/ci" in script
+    assert "--tolerance /app/config/ci-tolerance.yaml" in script
