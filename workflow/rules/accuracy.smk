@@ -26,8 +26,8 @@ rule accuracy:
     threads: 1
     resources:  # a real checkpoint (path:) evaluates on a GPU; the embedded model on CPU
         gpu=gpu_of_run,
-        mem_mb=lambda wc: 64000 if on_gpu(wc.run) else 4000,
-        runtime=lambda wc: 360 if on_gpu(wc.run) else 30,
+        mem_mb=checkpoint_or(64000, 4000),
+        runtime=checkpoint_or(360, 30),
     log:
         "results/{run}/logs/accuracy_{label}.log",
     conda:

@@ -168,6 +168,14 @@ def on_gpu(run):
     return "path" in spec_of(run)
 
 
+# Memory and time of the jobs that load a run's model (profiling, routing scores, latency, load balance,
+# accuracy): a real checkpoint (path:) the sizes of a GPU node, a trained or zoo model those of a small CPU
+# job. They are the rules' own, next to gpu= (gpu_of_run, latency_gpu), so that a cluster profile that names no such
+# rule asks a CPU-only partition for nothing it refuses and a GPU partition for enough.
+def checkpoint_or(checkpoint, other):
+    return lambda wildcards: checkpoint if on_gpu(wildcards.run) else other
+
+
 def gpu_of_run(wildcards):
     """`resources: gpu=` of a rule that loads the run's model (profile, routing scores, load balance)."""
     return 1 if on_gpu(wildcards.run) else 0
