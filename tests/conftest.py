@@ -10,9 +10,16 @@ Every test that uses either is marked `workflow` and `slow` here (pytest_collect
 """
 
 import json
+import os
 
-import pytest
-import torch
+# OpenMP threads that wait sleep instead of spinning (read when torch loads libgomp, so before `import torch`; test
+# subprocesses inherit it). With pytest-xdist's workers on every core, a 2-thread torch op otherwise spins against
+# the other worker: 5 training steps on 2 threads took 31.5 s with the default policy and 5.6 s with PASSIVE on 2
+# loaded cores (1 thread: 5.7 s). Results do not depend on it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from helpers import TINY, snakemake
 
 

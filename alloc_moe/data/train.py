@@ -13,6 +13,7 @@ middle layers (normalised entropy 0.8-0.97, measured), so the default recipe is 
 1.5x (README, "What the main job does", has the measured sweep).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -163,6 +164,21 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+@contextlib.contextmanager
+def deterministic_kernels():
+    """torch's deterministic kernels for the block (restored after). Multi-threaded CPU backward of `hidden[token_idx]`
+    (the MoE blocks' gather) accumulates with index_put_, whose default CPU kernel adds in thread-dependent order:
+    2-thread runs of one training config diverged within 40 steps, and 20 repeats of one such backward gave 3-8
+    different gradients (measured; tests/data/test_train.py). The deterministic kernel makes a run reproducible for a
+    seed and thread count."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, stop_after: int | None = None,
           overwrite: bool = False) -> dict | None:
     """Train and write the checkpoint + tokenizer to `out_dir` (atomically). Returns the training summary.
@@ -201,42 +217,38 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
         torch.set_rng_state(state["rng"])
         start, history = state["step"], state["history"]
     model.train()
-    # Multi-threaded CPU backward of `hidden[token_idx]` (the MoE blocks' gather) accumulates with index_put_, whose
-    # default CPU kernel sums in thread-dependent order: 2-thread runs of one config diverged within 40 steps
-    # (measured). The deterministic kernel makes a run reproducible for a seed and thread count.
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    tap = RouterTap(model)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, unit="step")
-    t0, tokens = time.perf_counter(), 0
-    try:
-        for step in range(start, cfg.steps):
-            for g in opt.param_groups:
-                g["lr"] = _lr(cfg, step) * g["lr_mult"]
-            ids = data[step]  # [B, S]
-            lm = model(ids, labels=ids).loss
-            aux, z = router_losses(tap.pop(), k)
-            loss = lm + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            tokens += ids.numel()
-            history.append({"step": step + 1, "lm_loss": round(lm.item(), 4), "aux_loss": round(aux.item(), 4)})
-            bar.set_postfix(loss=f"{lm.item():.3f}", aux=f"{aux.item():.2f}",
-                            tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_after:
-                _atomic_save({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                              "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": done,
-                              "history": history}, ckpt_path)
-            if stop_after is not None and done >= stop_after and done < cfg.steps:
-                return None
-    finally:
-        bar.close()
-        tap.remove()
-        torch.use_deterministic_algorithms(deterministic)
+    with deterministic_kernels():  # reproducible for a seed and thread count (see deterministic_kernels)
+        tap = RouterTap(model)
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, unit="step")
+        t0, tokens = time.perf_counter(), 0
+        try:
+            for step in range(start, cfg.steps):
+                for g in opt.param_groups:
+                    g["lr"] = _lr(cfg, step) * g["lr_mult"]
+                ids = data[step]  # [B, S]
+                lm = model(ids, labels=ids).loss
+                aux, z = router_losses(tap.pop(), k)
+                loss = lm + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                tokens += ids.numel()
+                history.append({"step": step + 1, "lm_loss": round(lm.item(), 4),
+                                "aux_loss": round(aux.item(), 4)})
+                bar.set_postfix(loss=f"{lm.item():.3f}", aux=f"{aux.item():.2f}",
+                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                bar.update(1)
+                done = step + 1
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == stop_after:
+                    _atomic_save({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                                  "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": done,
+                                  "history": history}, ckpt_path)
+                if stop_after is not None and done >= stop_after and done < cfg.steps:
+                    return None
+        finally:
+            bar.close()
+            tap.remove()
     model.eval()
     probe = data[-1][:8]
     summary = {
