@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The modules that define subcommands (`register_cli(subparsers)`), imported when the parser is built. Adding a
 # subcommand is one entry here. A module that fails to import is an error, never a silently missing command.
-COMMAND_MODULES = ("stages.plan", "data.zoo", "data.synthetic", "data.train", "data.tasks.embedded", "stages.profile",
+COMMAND_MODULES = ("stages.plan", "data.zoo", "data.twin", "data.synthetic", "data.train", "data.tasks.embedded", "stages.profile",
                    "stages.ppl", "stages.routing_scores", "stages.accuracy", "stages.latency", "stages.load_balance",
                    "harness.regress", "data.download", "data.stage")
 

@@ -67,24 +67,55 @@ def _save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _speedup_interval(r: pd.DataFrame):
+    """(asymmetric xerr/yerr array, filled mask) of speedup rows: bars from `speedup_lo`..`speedup_hi` where the
+    rows have them (none for tables written before the intervals), filled markers where `resolved` is not False."""
+    if "speedup_lo" in r and r["speedup_lo"].notna().any():
+        err = [(r["speedup"] - r["speedup_lo"]).clip(lower=0).fillna(0).to_numpy(),
+               (r["speedup_hi"] - r["speedup"]).clip(lower=0).fillna(0).to_numpy()]
+    else:
+        err = None
+    filled = (r["resolved"].astype(object) != False).to_numpy() if "resolved" in r else [True] * len(r)  # noqa: E712
+    return err, filled
+
+
+def _points(ax, x, y, filled, color, marker="o", ms=5):
+    """Markers at (x, y): filled where `filled`, hollow (white face) where not: unresolved speedups."""
+    for xi, yi, f in zip(x, y, filled):
+        ax.plot([xi], [yi], marker=marker, ms=ms, ls="none", color=color, mfc=color if f else "white", mec=color)
+
+
 def speedup_vs_budget(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """Fig. 5: measured speedup vs the original against the global budget, prefill and decode panels, with the ideal
-    (only the expert GEMMs shrink) as a dashed line. `df`: `latency.speedup_frame` rows (phase, method, budget,
-    speedup, ideal_speedup)."""
+    """Fig. 5: measured speedup vs the original against the global budget, prefill and decode panels, each point
+    with its interval (`speedup_lo`..`speedup_hi`, from the interleaved runs) as an error bar and hollow when the
+    speedup is unresolved, with the ideal (only the expert GEMMs shrink) as a dashed line. `df`:
+    `latency.speedup_frame` rows (phase, method, budget, speedup, ideal_speedup, speedup_lo/hi, resolved)."""
     data = df[df["method"] != "original"].sort_values("budget")
+    methods = sorted(set(data["method"]))
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    markers = dict(zip(methods, "osD^vP*X"))
     sns.set_theme(style="whitegrid", context="paper")
-    g = sns.relplot(data=data, x="budget", y="speedup", hue="method", style="method", col="phase", kind="line",
-                    markers=True, dashes=False, height=3.0, aspect=1.1, col_order=["prefill", "decode"],
-                    facet_kws={"sharey": False})
-    for phase, ax in g.axes_dict.items():
-        ideal = data[data["phase"] == phase].groupby("budget")["ideal_speedup"].mean()
+    phases = [p for p in ("prefill", "decode") if p in set(data["phase"])]
+    fig, axes = plt.subplots(1, len(phases), figsize=(3.6 * len(phases), 3.0), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        d = data[data["phase"] == phase]
+        for m in methods:
+            r = d[d["method"] == m]
+            err, filled = _speedup_interval(r)
+            ax.errorbar(r["budget"], r["speedup"], yerr=err, color=palette[m], lw=1.2, capsize=2, label=m)
+            _points(ax, r["budget"], r["speedup"], filled, palette[m], markers[m])
+        ideal = d.groupby("budget")["ideal_speedup"].mean()
         ax.plot(ideal.index, ideal.values, "k--", marker="_", ms=14, lw=1, label="ideal (experts only)")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.legend(loc="upper right", fontsize=7)
-    g.set_axis_labels("global budget B (activations per token)", "speedup vs original")
+        if "resolved" in d and (d["resolved"].astype(object) == False).any():  # noqa: E712
+            ax.plot([], [], "o", color="grey", mfc="white", label="unresolved (hollow)")
+        ax.legend(loc="upper right", fontsize=6)
+        ax.set_title(f"phase = {phase}")
+        ax.set_xlabel("global budget B (activations per token)")
+        ax.set_ylabel("speedup vs original (95% interval)")
     if title:
-        g.figure.suptitle(title, y=1.03)
-    _save(g.figure, path)
+        fig.suptitle(title, y=1.03)
+    _save(fig, path)
 
 
 def expert_load(loads: pd.DataFrame, path: str | Path, *, plan: str, layer: int, title: str = "") -> None:
@@ -148,9 +179,10 @@ def experts_vs_entropy(tokens: pd.DataFrame, path: str | Path, *, plan: str, lay
 
 
 def accuracy_vs_speedup(df: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """The paper's Fig. 1: mean group score (± SE bars) against the measured speedup over the original model, one
-    panel per phase (prefill, decode), one line per method through its budgets (each point labelled with B), the
-    original model as a star at speedup 1 with a dashed line at its score. `df`: `summary.tradeoff_table` rows."""
+    """The paper's Fig. 1: mean group score (± SE bars) against the measured speedup over the original model (its
+    interval as horizontal bars, hollow markers where the speedup is unresolved), one panel per phase (prefill,
+    decode), one line per method through its budgets (each point labelled with B), the original model as a star at
+    speedup 1 with a dashed line at its score. `df`: `summary.tradeoff_table` rows."""
     phases = [p for p in ("prefill", "decode") if p in set(df["phase"])]
     methods = sorted(set(df["method"]) - {"Original"})
     palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
@@ -160,8 +192,10 @@ def accuracy_vs_speedup(df: pd.DataFrame, path: str | Path, title: str = "") -> 
         d = df[df["phase"] == phase]
         for m in methods:
             r = d[d["method"] == m].sort_values("budget")
-            ax.errorbar(r["speedup"], r["value"], yerr=r["stderr"], label=m, color=palette[m], marker="o", ms=4,
+            xerr, filled = _speedup_interval(r)
+            ax.errorbar(r["speedup"], r["value"], xerr=xerr, yerr=r["stderr"], label=m, color=palette[m], ms=4,
                         capsize=2, lw=1.2)
+            _points(ax, r["speedup"], r["value"], filled, palette[m], ms=4)
             for x, y, b in zip(r["speedup"], r["value"], r["budget"]):
                 ax.annotate(f"B={b:g}", (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6,
                             color=palette[m])

@@ -119,8 +119,10 @@ def tradeoff_table(acc: pd.DataFrame, lat: pd.DataFrame, *, k_base: int, calibra
     `acc`: accuracy.csv rows; `lat`: latency.csv rows (`latency.speedup_frame` columns + seed). Methods are matched
     by (layer_method, token_allocation) at the default `k_base` and `calibration` (the plans the latency rule
     measures); plans evaluated but not timed, or timed but not evaluated, are left out. Over training seeds: score
-    and SE by `combine`, speedup the mean of the per-seed speedups, `seeds` how many seeds had both.
-    Returns columns model, method, budget, phase, value, stderr, speedup, seeds (one row per key)."""
+    and SE by `combine`, speedup the mean of the per-seed speedups (and of their interval ends), resolved when every
+    seed's speedup is, `seeds` how many seeds had both.
+    Returns columns model, method, budget, phase, value, stderr, speedup, speedup_lo, speedup_hi, resolved, seeds
+    (one row per key)."""
     keys = ["model", "method", "budget", "seed"]
     score = combine(group_table(acc, k_base=k_base, calibration=calibration), keys)
     lat = lat.assign(method=method_names(lat))
@@ -130,9 +132,17 @@ def tradeoff_table(acc: pd.DataFrame, lat: pd.DataFrame, *, k_base: int, calibra
         raise AllocMoeError(f"the latency table times {r.method} at B={r.budget:g} ({r.phase}, seed {r.seed}) more than "
                             "once (plans " + ", ".join(sorted(set(repeated.plan))) + "); allowed: one plan per "
                             "method, budget and seed, as the latency rule measures")
-    joined = score.merge(lat[[*keys, "phase", "speedup"]], on=keys, how="inner")
+    for col in ("speedup_lo", "speedup_hi", "resolved"):  # latency tables written before the intervals lack them
+        if col not in lat:
+            lat = lat.assign(**{col: float("nan") if col != "resolved" else None})
+    lat = lat.assign(resolved=lat["resolved"].map(lambda v: bool(v) if str(v) in ("True", "False") else None))
+    joined = score.merge(lat[[*keys, "phase", "speedup", "speedup_lo", "speedup_hi", "resolved"]], on=keys,
+                         how="inner")
     by = ["model", "method", "budget", "phase"]
-    speed = joined.groupby(by, sort=True).agg(speedup=("speedup", "mean"), seeds=("seed", "nunique")).reset_index()
+    speed = joined.groupby(by, sort=True).agg(
+        speedup=("speedup", "mean"), speedup_lo=("speedup_lo", "mean"), speedup_hi=("speedup_hi", "mean"),
+        resolved=("resolved", lambda s: None if s.isna().any() else bool(s.all())),
+        seeds=("seed", "nunique")).reset_index()
     return combine(joined, by).merge(speed, on=by)
 
 

@@ -9,6 +9,14 @@ speedup of a plan is taken run by run inside one process: speedup = median over 
 `speedup_min` = min over runs of original_ms / min over runs of plan_ms is reported too (on a shared machine other
 work only ever adds time, so the fastest run is the least disturbed one).
 
+Interval and resolution (`median_interval`, `resolved`): the R per-run paired ratios original_ms / plan_ms give a
+distribution-free interval for their median (the sign-test / order-statistic interval: [r_(k), r_(R+1-k)] of the
+sorted ratios covers the median with probability 1 - 2 P(Bin(R, 1/2) < k); k is the largest with coverage >= 95%,
+or k = 1, the range, when R < 6 cannot reach 95%; `speedup_level` records the coverage reached). No resampling, so
+it is deterministic given the timings. A speedup is `resolved` when its interval is narrow next to it:
+(speedup_hi - speedup_lo) / speedup <= RESOLVED_REL_WIDTH (0.10, i.e. known to about +-5%); an unresolved speedup
+is drawn hollow and should not be read as a result.
+
 Ideal speedup: `f` = share of the original model's phase time spent inside the routed experts (`mlp.experts`,
 timed by hooks in one extra instrumented run); shrinking only the expert GEMMs to the plan's budget (ratio
 r = sum(K_l) / (L * K_orig)) could give at most 1 / ((1 - f) + f * r) (Amdahl). Shared experts, attention,
@@ -40,6 +48,7 @@ load, and the speedups would silently mix conditions. A killed latency job is me
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -53,6 +62,8 @@ from ..errors import AllocMoeError
 from ..io import atomic_path, atomic_write_text
 
 PHASES = ("prefill", "decode")
+CI_LEVEL = 0.95  # wanted coverage of the speedup interval
+RESOLVED_REL_WIDTH = 0.10  # resolved: interval width <= 10% of the speedup
 CSV_COLUMNS = ["plan", "layer_method", "token_allocation", "budget", "phase", "run", "ms"]
 
 
@@ -107,6 +118,29 @@ def ideal_speedup(share: float, budget_ratio: float) -> float:
     return 1.0 / ((1.0 - share) + share * budget_ratio)
 
 
+def median_interval(values, level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(lo, hi, coverage): the order-statistic interval [v_(k), v_(n+1-k)] for the median of `values` (1-based
+    order statistics), with k the largest index whose coverage 1 - 2 P(Bin(n, 1/2) <= k - 1) is >= `level`; k = 1
+    (the range) when no k reaches it. Distribution-free, no resampling."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        raise AllocMoeError("no runs to take an interval over")
+
+    def coverage(k):
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return v[k - 1], v[n - k], coverage(k)
+
+
+def resolved(speedup: float, lo: float, hi: float, rel_width: float = RESOLVED_REL_WIDTH) -> bool:
+    """A speedup is resolved when its interval is at most `rel_width` of it wide."""
+    return (hi - lo) <= rel_width * speedup
+
+
 def summarize(result: BackendResult, plans: list[tuple[str, Plan | None]]) -> tuple[list[dict], dict]:
     """Tidy CSV rows (CSV_COLUMNS) and the per-plan summary: median/min/max ms, speedup, ideal speedup per phase."""
     full = next((p.k_orig * p.num_layers for _, p in plans if p is not None), None)
@@ -123,9 +157,14 @@ def summarize(result: BackendResult, plans: list[tuple[str, Plan | None]]) -> tu
         for phase in PHASES:
             mine = [ms[label, phase, r] for r in runs]
             base = [ms[ORIGINAL, phase, r] for r in runs]
+            ratios = [b / m for b, m in zip(base, mine)]
+            lo, hi, level = median_interval(ratios)
+            speedup = statistics.median(ratios)
             d = {"median_ms": statistics.median(mine), "min_ms": min(mine), "max_ms": max(mine),
-                 "speedup": statistics.median(b / m for b, m in zip(base, mine)),
-                 "speedup_min": min(base) / min(mine)}  # robust to interference from other work (it only adds time)
+                 "speedup": speedup,
+                 "speedup_min": min(base) / min(mine),  # robust to interference from other work (it only adds time)
+                 "speedup_lo": lo, "speedup_hi": hi, "speedup_level": level,
+                 "resolved": resolved(speedup, lo, hi)}
             if result.expert_share is not None:
                 d["ideal_speedup"] = ideal_speedup(result.expert_share[phase], ratio)
             entry["phases"][phase] = d
@@ -210,14 +249,18 @@ def _cmd_latency(args) -> int:
           + ", ".join(f"{ph} {f:.2f}" for ph, f in (s["expert_share"] or {}).items()))
     for e in s["plans"]:
         print(f"  {e['plan']:<28} B={e['budget']:g}  " + "  ".join(
-            f"{ph} {d['median_ms']:.1f} ms x{d['speedup']:.3f}" + (f" (ideal x{d['ideal_speedup']:.3f})" if "ideal_speedup" in d else "")
+            f"{ph} {d['median_ms']:.1f} ms x{d['speedup']:.3f} [{d['speedup_lo']:.3f}, {d['speedup_hi']:.3f}]"
+            + ("" if d["resolved"] else " unresolved")
+            + (f" (ideal x{d['ideal_speedup']:.3f})" if "ideal_speedup" in d else "")
             for ph, d in e["phases"].items()))
     print(f"wrote {args.out}")
     return 0
 
 
 def speedup_frame(summary: dict, model: str | None = None):
-    """One row per (plan, phase) of a latency summary: method, budget, median ms, speedup, ideal speedup."""
+    """One row per (plan, phase) of a latency summary: method, budget, median ms, speedup, ideal speedup, and the
+    speedup's interval (`speedup_lo`, `speedup_hi`, coverage `speedup_level`) and `resolved` flag (left empty for a
+    summary written before the intervals existed)."""
     import pandas as pd
 
     rows = []
@@ -227,5 +270,7 @@ def speedup_frame(summary: dict, model: str | None = None):
             rows.append({"model": model or summary.get("model"), "plan": e["plan"], "method": method,
                          "layer_method": e["layer_method"], "token_allocation": e["token_allocation"],
                          "budget": e["budget"], "phase": phase, "median_ms": d["median_ms"], "speedup": d["speedup"],
-                         "ideal_speedup": d.get("ideal_speedup")})
+                         "ideal_speedup": d.get("ideal_speedup"), "speedup_lo": d.get("speedup_lo"),
+                         "speedup_hi": d.get("speedup_hi"), "speedup_level": d.get("speedup_level"),
+                         "resolved": d.get("resolved")})
     return pd.DataFrame(rows)

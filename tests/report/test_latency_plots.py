@@ -23,6 +23,19 @@ def test_speedup_frame_and_figure(tmp_path):
     assert (tmp_path / "f5.png").stat().st_size > 1000
 
 
+def test_speedup_figure_with_intervals_and_unresolved_points(tmp_path):
+    s = summary()
+    for e in s["plans"]:
+        for ph, d in e["phases"].items():
+            d.update(speedup_lo=d["speedup"] - 0.1, speedup_hi=d["speedup"] + 0.1, speedup_level=0.97,
+                     resolved=e["plan"] != "b")
+    df = speedup_frame(s)
+    assert list(df.loc[df.plan == "b", "resolved"]) == [False, False]
+    assert df.loc[df.plan == "a", "speedup_hi"].tolist() == [1.3, 1.3]
+    plots.speedup_vs_budget(df, tmp_path / "f5.png")
+    assert (tmp_path / "f5.png").stat().st_size > 1000
+
+
 def test_load_balance_figures(tmp_path):
     loads = pd.DataFrame([{"model": "m", "plan": p, "layer": 1, "expert": e, "load": e + (p == "x"), "weighted_load": 1.0}
                           for p in ("original", "x") for e in range(8)])

@@ -70,7 +70,9 @@ def _score(a, b, c):
 
 def test_tradeoff_joins_methods_with_both_measurements():
     t = tradeoff_table(ACC, LAT, k_base=1, calibration="balanced")
-    assert list(t.columns) == ["model", "method", "budget", "phase", "value", "stderr", "speedup", "seeds"]
+    assert list(t.columns) == ["model", "method", "budget", "phase", "value", "stderr", "speedup", "speedup_lo",
+                               "speedup_hi", "resolved", "seeds"]
+    assert t["speedup_lo"].isna().all() and t["resolved"].isna().all()  # a latency table without intervals
     assert not t.duplicated(["model", "method", "budget", "phase"]).any()
     assert set(zip(t.method, t.budget)) == {("Original", 6.0), ("Uniform", 3.0), ("Uniform", 4.0), ("Alloc-MoE", 3.0)}
     row = t.set_index(["method", "budget", "phase"])
@@ -88,6 +90,17 @@ def test_tradeoff_joins_methods_with_both_measurements():
     # Alloc-MoE: only seed 0 was timed, so only seed 0's score counts; the K_base 0 / other-calibration rows do not
     alloc = row.loc[("Alloc-MoE", 3.0, "decode")]
     assert (alloc["value"], alloc["speedup"], alloc["seeds"]) == (pytest.approx(_score(78, 38, 58)[0]), 1.45, 1)
+
+
+def test_tradeoff_carries_speedup_intervals(tmp_path):
+    lat = LAT.assign(speedup_lo=LAT["speedup"] - 0.05, speedup_hi=LAT["speedup"] + 0.05, resolved=True)
+    lat.loc[(lat.plan == "uniform__topk__kb1__none__B3") & (lat.seed == 1), "resolved"] = False
+    row = tradeoff_table(ACC, lat, k_base=1, calibration="balanced").set_index(["method", "budget", "phase"])
+    assert row.loc[("Uniform", 3.0, "decode"), "speedup_lo"] == pytest.approx(1.55)  # mean over the seeds
+    assert row.loc[("Uniform", 3.0, "decode"), "resolved"] == False  # noqa: E712 (one seed unresolved)
+    assert row.loc[("Uniform", 4.0, "decode"), "resolved"] == True  # noqa: E712
+    plots.accuracy_vs_speedup(row.reset_index(), tmp_path / "f1.png")  # x bars, a hollow marker
+    assert (tmp_path / "f1.png").stat().st_size > 1000
 
 
 def test_tradeoff_refuses_a_method_timed_twice_at_one_budget():

@@ -52,6 +52,8 @@ def test_workflow_writes_latency_and_load_balance(run):
     lat = pd.read_csv(run / "results/summary/latency.csv")
     assert {"original", "uniform+topk", "lexi+topk", "alloc-l+alloc-t", "ascending+topk"} == set(lat.method)
     assert set(lat.phase) == {"prefill", "decode"} and sorted(lat[lat.method != "original"].budget.unique()) == [4, 5]
+    assert {"speedup_lo", "speedup_hi", "speedup_level", "resolved"} <= set(lat.columns)
+    assert (lat.speedup_lo <= lat.speedup).all() and (lat.speedup <= lat.speedup_hi).all()
     lb = pd.read_csv(run / "results/summary/load_balance.csv")
     assert {"model", "plan", "layer", "metric", "value"} <= set(lb.columns) and (lb.model == "tiny").all()
     assert {"spearman", "js_divergence"} <= set(lb.metric)

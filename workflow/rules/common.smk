@@ -350,6 +350,24 @@ LAT_METHODS = LAT.get("methods", [{"layer": "uniform", "token": "topk"}, {"layer
                                   {"layer": "alloc-l", "token": "alloc-t"}])
 
 
+LAT_TWIN = {"hidden_size": 512, "expert_size": 512, **LAT.get("twin", {})}
+
+
+def latency_on_twin(run):
+    """`latency.model: twin` times the run's latency twin (results/<run>/twin, rule make_twin) instead of its model;
+    only for models the workflow builds (train:, make:): a real checkpoint (path:) is always timed itself."""
+    return LAT.get("model", "model") == "twin" and "path" not in spec_of(run)
+
+
+def latency_model(wildcards):
+    """--model of the latency job: the twin's folder or the run's model (`model_dir`)."""
+    return f"results/{wildcards.run}/twin" if latency_on_twin(wildcards.run) else model_dir(wildcards)
+
+
+def latency_model_input(wildcards):
+    return [f"results/{wildcards.run}/twin"] if latency_on_twin(wildcards.run) else model_input(wildcards)
+
+
 def latency_plans(run):
     ids = [plan_id(m["layer"], m["token"], K_BASE, _calib_of(m["layer"], m["token"]), b)
            for b in spec_of(run)["budgets"] for m in LAT_METHODS]

@@ -1,21 +1,24 @@
 # Latency (paper 4.2 / Fig. 5, Appendix A.2): prefill and decode latency of the original model and its plans,
 # interleaved run by run in one process, with the ideal speedup (only the expert GEMMs shrink) next to it.
-# Settings: the top-level `latency:` config key. The embedded default runs a short protocol on CPU.
+# Settings: the top-level `latency:` config key. The embedded default runs a short protocol on CPU on the trained
+# model's latency twin (`latency.model: twin`, rule make_twin in model.smk): plans are per-layer K and token settings,
+# so they apply unchanged to a model of the same topology, and a plan's compute is set by its budget, not the weights.
 rule latency:
     input:
-        model_input,
+        latency_model_input,
         plans=lambda wc: latency_plans(wc.run),
     output:
         table="results/{run}/latency/latency.csv",
         summary="results/{run}/latency/latency.json",
     params:
-        model=model_dir,
+        model=latency_model,
         backend=lambda wc: latency_backend(wc.run),
         vllm=lambda wc: vllm_args(wc.run) if latency_backend(wc.run) == "vllm" else "",
         protocol=" ".join(f"--{k} {LAT.get(k, d)}" for k, d in
                           [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
         device=LAT_DEVICE,
         dtype=LAT.get("dtype", "auto"),
+        threads=lambda wc, threads: min(LAT.get("threads", threads), threads),
         code=code("alloc_moe.stages.latency"),
     threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
@@ -28,7 +31,7 @@ rule latency:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe latency --model {params.model} --plans original {input.plans} --backend {params.backend} "
-        "{params.protocol} --device {params.device} --dtype {params.dtype} {params.vllm} --threads {threads} "
+        "{params.protocol} --device {params.device} --dtype {params.dtype} {params.vllm} --threads {params.threads} "
         "--out {output.table} --summary {output.summary} > {log} 2>&1"
 
 

@@ -32,3 +32,24 @@ rule make_model:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe make-model {params.args} --seed {params.seed} --overwrite --out {output} > {log} 2>&1"
+
+
+# The latency twin of a run's model (`latency.model: twin`): same architecture, layers, experts and top-k at the
+# `latency.twin` width, random weights from the run's seed. Only the latency rule reads it.
+rule make_twin:
+    input:
+        model_input,
+    output:
+        directory("results/{run}/twin"),
+    params:
+        model=model_dir,
+        width=lambda wc: f"--hidden-size {LAT_TWIN['hidden_size']} --expert-size {LAT_TWIN['expert_size']}",
+        seed=lambda wc: RUNS[wc.run][1],
+        code=code("alloc_moe.data.twin"),
+    log:
+        "results/{run}/logs/make_twin.log",
+    conda:
+        "../../envs/alloc-moe.yaml"
+    shell:
+        "alloc-moe make-twin --model {params.model} {params.width} --seed {params.seed} --overwrite "
+        "--out {output} > {log} 2>&1"
