@@ -10,7 +10,7 @@ def _dry(tmp_path, extra: str = ""):
     cfg = tmp_path / "over.yaml"
     cfg.write_text(extra or "{}\n")
     res = snakemake_over_default(tmp_path, [cfg], "-n", "-p", "--cores", "2", "results/embedded-s0/latency/latency.json",
-                                 "results/embedded-s0/eval/alloc-l__alloc-t__kb1__balanced__B12.json")
+                                 "results/embedded-s0/eval/B12")
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout + res.stderr
 
