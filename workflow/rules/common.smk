@@ -359,6 +359,19 @@ def latency_on_twin(run):
     return LAT.get("model", "model") == "twin" and "path" not in spec_of(run)
 
 
+def latency_threads(wildcards):
+    """torch threads of the latency job: `latency.threads`, at most --cores (`all`: --cores). Not a params function
+    of `threads`: that is evaluated while the DAG is built, and `snakemake --report` gives no --cores."""
+    from snakemake.exceptions import WorkflowError
+
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # no --cores (--report, --lint): no job runs
+        cores = 1
+    n = LAT.get("threads", "all")
+    return cores if n == "all" else min(n, cores)
+
+
 def latency_model(wildcards):
     """--model of the latency job: the twin's folder or the run's model (`model_dir`)."""
     return f"results/{wildcards.run}/twin" if latency_on_twin(wildcards.run) else model_dir(wildcards)

@@ -18,7 +18,7 @@ rule latency:
                           [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
         device=LAT_DEVICE,
         dtype=LAT.get("dtype", "auto"),
-        threads=lambda wc, threads: threads if LAT.get("threads", "all") == "all" else min(LAT["threads"], threads),
+        threads=latency_threads,
         code=code("alloc_moe.stages.latency"),
     threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
