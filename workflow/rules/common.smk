@@ -359,17 +359,12 @@ def latency_on_twin(run):
     return LAT.get("model", "model") == "twin" and "path" not in spec_of(run)
 
 
-def latency_threads(wildcards):
-    """torch threads of the latency job: `latency.threads`, at most --cores (`all`: --cores). Not a params function
-    of `threads`: that is evaluated while the DAG is built, and `snakemake --report` gives no --cores."""
-    from snakemake.exceptions import WorkflowError
-
-    try:
-        cores = workflow.cores
-    except WorkflowError:  # no --cores (--report, --lint): no job runs
-        cores = 1
+def latency_max_threads(wildcards):
+    """`latency.threads` as the latency job's cap on its torch threads (0: `all`, every core the job holds). The
+    shell command takes the min with {threads}: a params value must not depend on --cores (a different --cores
+    would re-run the job, and `snakemake --report` gives none)."""
     n = LAT.get("threads", "all")
-    return cores if n == "all" else min(n, cores)
+    return 0 if n == "all" else n
 
 
 def latency_model(wildcards):

@@ -18,7 +18,7 @@ rule latency:
                           [("batch", 8), ("prompt", 32), ("decode", 128), ("warmup", 5), ("runs", 10)]),
         device=LAT_DEVICE,
         dtype=LAT.get("dtype", "auto"),
-        threads=latency_threads,
+        max_threads=latency_max_threads,  # a constant, not --cores: a params change re-runs the job
         code=code("alloc_moe.stages.latency"),
     threads: lambda wildcards: workflow.cores  # alone on the machine's cores: timings of concurrent jobs disturb each other
     resources:
@@ -31,7 +31,7 @@ rule latency:
         "../../envs/alloc-moe.yaml"
     shell:
         "alloc-moe latency --model {params.model} --plans original {input.plans} --backend {params.backend} "
-        "{params.protocol} --device {params.device} --dtype {params.dtype} {params.vllm} --threads {params.threads} "
+        "{params.protocol} --device {params.device} --dtype {params.dtype} {params.vllm} --threads $(( {params.max_threads} > 0 && {params.max_threads} < {threads} ? {params.max_threads} : {threads} )) "
         "--out {output.table} --summary {output.summary} > {log} 2>&1"
 
 
