@@ -2,12 +2,14 @@
 `snakemake --profile workflow/profiles/slurm` on a one-node cluster that .ci/slurm-cluster installs (Debian's slurm-wlm
 and munge, if missing), configures for this machine, starts and stops. The jobs go through sbatch (ids in the log,
 seen in squeue), a GPU request is scheduled on the node's fake GPU, and the summary tables pass `alloc-moe regress`
-against results/reference/ci. Skipped, with the script's reason, only where the packages cannot be installed (not
-root, apt failing) or the machine has a SLURM configuration of its own.
+against results/reference/ci. Marker `cluster`: left out of a plain `pytest` (the README's test command), run by
+.ci/run's cluster stage (`pytest -m cluster`). Skipped, with the script's reason, only where the packages cannot be
+installed (not root, apt failing) or the machine has a SLURM configuration of its own; in CI (CI=1) that fails.
 
 Cost: one cluster start (seconds) and one run of the reduced default, about 3x a local run (each job starts its own
 Snakemake; docs/guides/clusters-containers.md has the measurements)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +23,7 @@ import yaml
 
 from alloc_moe.cli import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.workflow]
+pytestmark = [pytest.mark.slow, pytest.mark.workflow, pytest.mark.cluster]  # run by .ci/run's cluster stage
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -33,15 +35,20 @@ TARGET = "results/summary/manifest.json"
 GPU_RULE = "profile_lexi"  # asks for the fake GPU here (gpu=1): the path a real checkpoint's jobs take
 
 
+def _unavailable(reason: str):
+    """Skip where SLURM cannot be had; in CI's cluster stage (CI=1) that is a failure: the stage exists to run these."""
+    (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if not SNAKEMAKE.exists() or shutil.which("sbatch") is None and shutil.which("apt-get") is None:
-        pytest.skip("needs snakemake and SLURM (or root with apt-get to install it)")
+        _unavailable("needs snakemake and SLURM (or root with apt-get to install it)")
     where = tmp_path_factory.mktemp("slurm")
     try:
         res = subprocess.run([str(SCRIPT), "start", str(where)], capture_output=True, text=True, timeout=600)
         if res.returncode in (3, 4):  # cannot install / a site configuration is in place: nothing was started
-            pytest.skip(res.stderr.strip())
+            _unavailable(res.stderr.strip())
         assert res.returncode == 0, res.stderr[-3000:]
         yield where
     finally:  # also after a failed or interrupted start (the script stops what it started; this is idempotent)
