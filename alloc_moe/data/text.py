@@ -1,11 +1,14 @@
-"""Calibration text: hub sources or local files -> documents -> fixed-length token windows."""
+"""Calibration text: hub sources or local files -> documents -> fixed-length token windows.
+
+torch is imported where windows are built, not at import: the workflow's start (`common.smk` reads `SOURCES`) stays
+light."""
+
+from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from alloc_moe.errors import AllocMoeError
 
@@ -64,6 +67,8 @@ class Windows:
     families: list[str] = field(default_factory=list)  # len N
 
     def __post_init__(self):
+        import torch
+
         if self.input_ids.ndim != 2 or self.input_ids.dtype != torch.long:
             raise ValueError(
                 f"input_ids must be a 2-D LongTensor, got {self.input_ids.dtype} {tuple(self.input_ids.shape)}"
@@ -217,6 +222,8 @@ def tokenize_windows(
         raise AllocMoeError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < seq_len):
         raise AllocMoeError(f"max_tokens must be None or an integer >= seq_len ({seq_len}), got {max_tokens!r}")
+    import torch
+
     by_family: dict[str, list[str]] = {}
     for d in documents:
         by_family.setdefault(d.family, []).append(d.text)

@@ -10,10 +10,7 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from ..backends.dtypes import DTYPES
-from ..backends.hf.model import moe_layers
 
 # transformers and tokenizers are imported where they are used: building the CLI parser imports this module
 from ..errors import AllocMoeError
@@ -130,17 +127,15 @@ def _resolve_arch(arch: str | None, topology: str | None) -> str:
     return arch
 
 
-def make_config(
+def config_dict(
     arch: str | None,
     *,
     topology: str | None = None,
     layers: int | None = None,
     width: str = "tiny",
     vocab_size: int | None = None,
-) -> "PretrainedConfig":  # noqa: F821
-    """Config of a generic tiny or small MoE of `arch`, or of a published `topology` at tiny or full width."""
-    from transformers import AutoConfig
-
+) -> tuple[str, dict]:
+    """(model_type, config fields) of `make_config`, without transformers: what the workflow reads at its start."""
     arch = _resolve_arch(arch, topology)
     _choose("width", width, WIDTHS)
     spec = ZOO_SHAPES[arch]
@@ -170,7 +165,29 @@ def make_config(
     # The zoo tokenizer's ids, whatever the published model used.
     d.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False)
     d.pop("model_type", None)
-    return AutoConfig.for_model(spec["model_type"], **d)
+    return spec["model_type"], d
+
+
+def make_config(
+    arch: str | None,
+    *,
+    topology: str | None = None,
+    layers: int | None = None,
+    width: str = "tiny",
+    vocab_size: int | None = None,
+) -> "PretrainedConfig":  # noqa: F821
+    """Config of a generic tiny or small MoE of `arch`, or of a published `topology` at tiny or full width."""
+    from transformers import AutoConfig
+
+    model_type, d = config_dict(arch, topology=topology, layers=layers, width=width, vocab_size=vocab_size)
+    return AutoConfig.for_model(model_type, **d)
+
+
+def num_moe_layers(arch: str | None, *, topology: str | None = None, layers: int | None = None,
+                   width: str = "tiny") -> int:
+    """Sparse MoE layers of the config `make_config` builds (decoder layers less DeepSeek's leading dense ones)."""
+    _, d = config_dict(arch, topology=topology, layers=layers, width=width)
+    return d["num_hidden_layers"] - d.get("first_k_dense_replace", 0)
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -214,7 +231,7 @@ def make_model(
     width: str = "tiny",
     seed: int = 0,
     router_std: float | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: "torch.dtype | None" = None,  # noqa: F821 - None: float32
     experts_implementation: str | None = None,
     overrides: dict | None = None,
 ):
@@ -222,14 +239,17 @@ def make_model(
 
     `overrides` sets config fields after the arch/topology defaults (e.g. {"num_experts_per_tok": 3}).
     """
+    import torch
     from transformers import AutoModelForCausalLM
+
+    from ..backends.hf.model import moe_layers
 
     if router_std is not None and not (router_std > 0):
         raise AllocMoeError(f"router_std must be > 0, got {router_std!r}")
     config = make_config(arch, topology=topology, layers=layers, width=width)
     for name, value in (overrides or {}).items():
         setattr(config, name, value)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": torch.float32 if dtype is None else dtype}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
     with torch.random.fork_rng():  # leave the caller's RNG alone
@@ -254,6 +274,8 @@ def _version() -> str:
 
 def write_model(out_dir: str | os.PathLike, *, overwrite: bool = False, **make_model_kwargs):
     """make_model + make_tokenizer saved to `out_dir` (safetensors), all or nothing; returns the model."""
+    import torch
+
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise AllocMoeError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
@@ -265,7 +287,7 @@ def write_model(out_dir: str | os.PathLike, *, overwrite: bool = False, **make_m
         "width": make_model_kwargs.get("width", "tiny"),
         "seed": make_model_kwargs.get("seed", 0),
         "router_std": make_model_kwargs.get("router_std"),
-        "dtype": str(make_model_kwargs.get("dtype", torch.float32)).removeprefix("torch."),
+        "dtype": str(make_model_kwargs.get("dtype") or torch.float32).removeprefix("torch."),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "moe_layers": moe_layer_indices(model),
         "num_experts": num_experts(model),
@@ -282,12 +304,16 @@ def write_model(out_dir: str | os.PathLike, *, overwrite: bool = False, **make_m
 
 
 def moe_layer_indices(model) -> list[int]:
-    """Decoder-layer indices of the sparse MoE blocks (see `moe_model.moe_layers`)."""
+    """Decoder-layer indices of the sparse MoE blocks (see `backends.hf.model.moe_layers`)."""
+    from ..backends.hf.model import moe_layers
+
     return [m.index for m in moe_layers(model)]
 
 
 def k_orig(model) -> int:
     """The model's own top-k (the same in every MoE layer)."""
+    from ..backends.hf.model import moe_layers
+
     ks = {m.k_orig for m in moe_layers(model)}
     if len(ks) != 1:
         raise AllocMoeError(f"MoE layers disagree on top-k: {sorted(ks)}")
@@ -296,13 +322,12 @@ def k_orig(model) -> int:
 
 def num_experts(model) -> int:
     """Routed experts per MoE layer (the same in every MoE layer)."""
+    from ..backends.hf.model import moe_layers
+
     ns = {m.num_experts for m in moe_layers(model)}
     if len(ns) != 1:
         raise AllocMoeError(f"MoE layers disagree on the number of experts: {sorted(ns)}")
     return ns.pop()
-
-
-_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def register_cli(subparsers) -> None:
@@ -314,16 +339,18 @@ def register_cli(subparsers) -> None:
     p.add_argument("--width", choices=WIDTHS, default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-std", type=float, help="re-initialise routers with N(0, X) for peaked routing")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_make_model)
 
 
 def _cmd_make_model(args) -> int:
+    import torch
+
     model = write_model(
         args.out, overwrite=args.overwrite, arch=args.arch, topology=args.topology, layers=args.layers,
-        width=args.width, seed=args.seed, router_std=args.router_std, dtype=_DTYPES[args.dtype],
+        width=args.width, seed=args.seed, router_std=args.router_std, dtype=getattr(torch, args.dtype),
     )
     n = sum(p.numel() for p in model.parameters())
     print(

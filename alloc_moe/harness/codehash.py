@@ -187,9 +187,16 @@ def _closure(entry_modules: tuple[str, ...], package_dir: Path) -> tuple[tuple[s
     return _closure_cached(entry_modules, package_dir, stamp)
 
 
+@functools.lru_cache(maxsize=4)
+def _package(package_dir, stamp) -> _Package:
+    """One parse of the package per state of its sources, shared by every rule's closure (each rule names other
+    entries, but their closures overlap: parsing per rule was most of the workflow's start-up)."""
+    return _Package(package_dir)
+
+
 @functools.lru_cache(maxsize=256)
 def _closure_cached(entry_modules, package_dir, stamp) -> tuple[tuple[str, ...], tuple[Path, ...]]:
-    pkg = _Package(package_dir)
+    pkg = _package(package_dir, stamp)
     items, scripts = _entries(pkg, list(entry_modules))
     used = _walk(pkg, items)
     modules = tuple(sorted(used))

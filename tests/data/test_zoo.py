@@ -1,5 +1,7 @@
 import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +228,33 @@ def test_small_width_has_vllm_cpu_shapes(arch):
 def test_small_width_needs_arch_not_topology():
     with pytest.raises(AllocMoeError, match="generic arch size"):
         zoo.make_config(None, topology="olmoe-1b-7b-0924", width="small")
+
+
+@pytest.mark.parametrize("arch,topology,width,layers", [
+    *((a, None, w, n) for a in ARCHS for w in ("tiny", "small") for n in (None, 3, 5)),
+    *((None, t, w, n) for t in zoo.TOPOLOGIES for w in ("tiny", "full") for n in (None, 4)),
+])
+def test_num_moe_layers_counts_what_make_config_builds(arch, topology, width, layers):
+    """The workflow counts MoE layers with `num_moe_layers` (no transformers); it must agree with the config built."""
+    cfg = zoo.make_config(arch, topology=topology, layers=layers, width=width)
+    expected = cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
+    assert zoo.num_moe_layers(arch, topology=topology, layers=layers, width=width) == expected
+
+
+def test_the_workflows_start_imports_neither_torch_nor_transformers():
+    """What the workflow's rule files import from alloc_moe at the start of every Snakemake run (and of every cluster
+    job, which starts its own) stays light: importing torch and transformers there cost about 5 s of CPU per start."""
+    import subprocess
+    import sys
+
+    rules = Path(__file__).resolve().parents[2] / "workflow/rules"
+    modules = sorted({m for f in rules.glob("*.smk")
+                      for m in re.findall(r"^\s*from (alloc_moe[\w.]*) import", f.read_text(), re.MULTILINE)})
+    assert "alloc_moe.data.text" in modules and "alloc_moe.data.train_config" in modules  # the scan finds them
+    code = ("import sys, importlib\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "from alloc_moe.data import zoo\n"
+            "zoo.num_moe_layers('olmoe', layers=8, width='small')\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", modules

@@ -117,17 +117,16 @@ def num_moe_layers(run):
     spec = spec_of(run)
     if "train" in spec or "make" in spec:
         s = spec.get("train") or spec["make"]
-        from alloc_moe.data import zoo
+        from alloc_moe.data import zoo  # counts from the config's fields: neither torch nor transformers is imported
 
         if "train" in spec:
-            from alloc_moe.data.train import TrainConfig
+            from alloc_moe.data.train_config import TrainConfig
 
             d = TrainConfig()
-            cfg = zoo.make_config(s.get("arch", d.arch), layers=s.get("layers", d.layers), width=s.get("width", d.width))
-        else:
-            cfg = zoo.make_config(s.get("arch"), topology=s.get("topology"), layers=s.get("layers"),
+            return zoo.num_moe_layers(s.get("arch", d.arch), layers=s.get("layers", d.layers),
+                                      width=s.get("width", d.width))
+        return zoo.num_moe_layers(s.get("arch"), topology=s.get("topology"), layers=s.get("layers"),
                                   width=s.get("width", "tiny"))
-        return cfg.num_hidden_layers - getattr(cfg, "first_k_dense_replace", 0)
     from transformers import AutoConfig
 
     source = hub_config_file(spec["hub_config"]) if "hub_config" in spec else model_ref(run)

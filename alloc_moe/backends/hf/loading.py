@@ -1,23 +1,25 @@
 """Load a causal-LM checkpoint through the native transformers classes.
 
 A model reference is a local directory, a hub id (`org/name`: its main branch) or a hub id at a revision
-(`org/name@<branch, tag or commit>`); `split_ref` takes it apart, and every loader (transformers here and in
-`moe_model`, vLLM in `vllm_backend`) passes the revision on. `resolved_commit` says which commit a reference loaded.
+(`org/name@<branch, tag or commit>`); `split_ref` takes it apart, and every loader (transformers here, vLLM in
+`alloc_moe.backends.vllm`) passes the revision on. `resolved_commit` says which commit a reference loaded.
+
+torch is imported inside the functions that need it: the workflow's start (`common.smk` uses `is_hub_id` and
+`split_ref`) stays light.
 """
+
+from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
 
-import torch
-
 from ...errors import AllocMoeError
-from ..dtypes import DTYPES
-
-TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the torch dtype of each of `base.DTYPES`
 
 
-def pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None) -> torch.device:  # noqa: F821
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -25,11 +27,13 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def torch_dtype(dtype: str | None, model: str | None) -> torch.dtype:
+def torch_dtype(dtype: str | None, model: str | None) -> torch.dtype:  # noqa: F821
     """The torch dtype `dtype` means for `model` (`auto`: the checkpoint's own, `alloc_moe.backends.base.resolve_dtype`)."""
+    import torch
+
     from ..dtypes import resolve_dtype
 
-    return TORCH_DTYPES[resolve_dtype(dtype, model)]
+    return getattr(torch, resolve_dtype(dtype, model))  # every name of `dtypes.DTYPES` is a torch dtype
 
 
 def is_hub_id(name: str) -> bool:
