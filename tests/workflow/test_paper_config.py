@@ -194,6 +194,8 @@ BAD = {
                              "vllm.gpu_memory_utilization: 1.5 is greater than the maximum of 1"),
     "unknown vllm mode": ("models: {olmoe-1b-7b-0924: {vllm: {mode: fast}}}",
                           "models.olmoe-1b-7b-0924.vllm.mode: 'fast' is not one of ['auto', 'graphs', 'eager']"),
+    "latency threads": ("latency: {threads: many}",
+                        "latency.threads: 'many' is not allowed (allowed: an integer >= 1 or 'all')"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),
 }

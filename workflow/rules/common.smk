@@ -19,7 +19,24 @@ def _config_error(e):
         return f"{where}: unknown key {unknown} (allowed: {', '.join(e.schema['properties'])})"
     if e.validator == "oneOf" and all(list(s) == ["required"] for s in e.validator_value):
         return f"{where}: give exactly one of {', '.join(s['required'][0] for s in e.validator_value)}"
+    if e.validator in ("oneOf", "anyOf"):
+        return f"{where}: {e.instance!r} is not allowed (allowed: {' or '.join(map(_describe, e.validator_value))})"
     return f"{where}: {e.message}"
+
+
+def _describe(schema):
+    """A schema alternative in words: 'all', one of 'a', 'b', an integer >= 1, a string, ..."""
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(map(repr, schema["enum"]))
+    words = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+             "array": "a list", "object": "a mapping", "null": "null"}
+    kind = schema.get("type", "a value")
+    text = " or ".join(words.get(t, t) for t in kind) if isinstance(kind, list) else words.get(kind, kind)
+    bounds = [f"{op} {schema[k]:g}" for k, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                                                   ("exclusiveMaximum", "<")) if k in schema]
+    return " ".join([text, " and ".join(bounds)]).strip()
 
 
 def config_fail(msg):
