@@ -54,10 +54,12 @@ def tiny_report(tiny_run):
     return tiny_run, text, results
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Markers, and the xdist groups that `-n auto --dist loadgroup` (pyproject addopts) sends to one worker each: all
     users of the shared tiny run (so it is made once), and otherwise one group per test file (so a module-scoped
-    fixture, e.g. a vLLM engine or a trained model, is made once)."""
+    fixture, e.g. a vLLM engine or a trained model, is made once). `tryfirst`: pytest-xdist reads the groups in its
+    own hook of this name, which otherwise runs first and sees none (tests/test_xdist_groups.py)."""
     for item in items:
         if {"tiny_run", "tiny_report"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.workflow)
