@@ -27,7 +27,7 @@ rule summarize:
 # fidelity study is written here, built around the claims table.
 rule claims:
     input:
-        rules.summarize.input,
+        evals=rules.summarize.input,
         latency="results/summary/latency.csv",
         load_balance="results/summary/load_balance.csv",
     output:

@@ -8,8 +8,7 @@ from alloc_moe.io import atomic_write_text
 from alloc_moe.report.claims import claims_details, claims_summary, claims_table
 from alloc_moe.report.summary import accuracy_table, eval_perplexity_table, fidelity_report, write_csv
 
-named = {snakemake.input.latency, snakemake.input.load_balance}
-evals = [p for p in snakemake.input if p not in named]  # summarize's inputs: eval JSON files or directories of them
+evals = list(snakemake.input.evals)  # summarize's inputs: eval JSON files or directories of them
 kw = dict(k_base=snakemake.params.k_base, calibration=snakemake.params.calibration)
 claims = claims_table(evals, **kw, latency=pd.read_csv(snakemake.input.latency),
                       load_balance=pd.read_csv(snakemake.input.load_balance))
