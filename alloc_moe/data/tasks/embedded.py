@@ -32,6 +32,7 @@ from . import TaskSpec
 SEED = 20261123
 ITEMS = {"emb_agreement": 800, "emb_selection": 800, "emb_yesno": 800, "emb_reverse": 800, "emb_sort": 800,
          "emb_minmax": 800, "emb_digit": 1200, "emb_arith_gen": 1200}
+ITEMS_V1 = ITEMS
 
 
 def _agreement(r):
@@ -88,6 +89,127 @@ _MAKERS = {"emb_agreement": _agreement, "emb_selection": _selection, "emb_yesno"
            "emb_digit": _digit, "emb_arith_gen": _arith_gen}
 _GROUP = {"emb_agreement": "NLU", "emb_selection": "NLU", "emb_yesno": "NLU", "emb_reverse": "Reasoning",
           "emb_sort": "Reasoning", "emb_minmax": "Reasoning", "emb_digit": "Math", "emb_arith_gen": "Math"}
+
+
+# ---- v2 candidates (docs/results/task-suite-v2.md): same vocabulary and item forms as the corpus, asked differently --
+def _yesno_item(r):
+    """A statement whose yes/no question asking about the stated object (the 'yes' question, whose words after the
+    context are the gold continuation of `_recall`) is a held-out question: that text is never in training or
+    calibration text. (Its questions about the other objects may be: the corpus splits by whole question.)"""
+    while True:
+        f = syn.fact(r)
+        aux = "does" if f["num"] == "sg" else "do"
+        q = f"{f['question']} {f['obj']} . question : {aux} {f['subj']} {syn.VERBS[f['cls']][1]} {f['obj']} ? answer :"
+        if syn.is_heldout(q):
+            return f
+
+
+def _q_prefix(y, upto):
+    """The yes/no item's text up to (not including) word `upto` of its question part (aux=0, subject, verb, asked)."""
+    aux = "does" if y["num"] == "sg" else "do"
+    words = ["question", ":", aux, *y["subj"].split(), syn.VERBS[y["cls"]][1]]
+    cut = {"aux": 2, "verb": 2 + len(y["subj"].split()), "asked": len(words)}[upto]
+    return " ".join([y["subj"], y["verb"], y["obj"], ".", *words[:cut]])
+
+
+def _aux(r):
+    """Long-distance agreement: after 'S V O . question :' the auxiliary agrees with S, four words back or more."""
+    y = _yesno_item(r)
+    return {"context": _q_prefix(y, "aux"), "choices": ["does", "do"], "gold": 0 if y["num"] == "sg" else 1}
+
+
+def _verb(r):
+    """Recall of the stated verb: after 'S V O . question : aux S' the verb (base form) is the statement's."""
+    y = _yesno_item(r)
+    choices = [pl for _, pl, _ in syn.VERBS.values()]
+    return {"context": _q_prefix(y, "verb"), "choices": choices, "gold": choices.index(syn.VERBS[y["cls"]][1])}
+
+
+def _recall(distractors: int):
+    """Recall of the stated object: after 'S V O . question : aux S V' the object asked is the stated one in half the
+    corpus's questions and each other object of the class in a sixth: the stated object is the best guess. With
+    `distractors`, training facts of the same verb class (other objects) are stated before."""
+    def make(r):
+        y = _yesno_item(r)
+        objs = syn.VERBS[y["cls"]][2]
+        pre = []
+        for _ in range(distractors):
+            while True:
+                f = syn.draw(syn.fact, r, "train")
+                if f["cls"] == y["cls"] and f["obj"] != y["obj"] and f["subj"] != y["subj"]:
+                    break
+            pre.append(f"{f['question']} {f['answer']}")
+        choices = sorted(objs)
+        return {"context": " ".join([*pre, _q_prefix(y, "asked")]), "choices": choices, "gold": choices.index(y["obj"])}
+    return make
+
+
+def _minmax_all_letters(r):
+    p = syn.draw(lambda rr: syn.pattern(rr, rr.choice(["min", "max"])), r, "heldout")
+    return {"context": p["question"], "choices": list(syn.LETTERS), "gold": syn.LETTERS.index(p["ys"][0])}
+
+
+def _minmax_after_other(r):
+    """min/max of a list, after a training item asking the other of min/max about another list (interference)."""
+    p = syn.draw(lambda rr: syn.pattern(rr, rr.choice(["min", "max"])), r, "heldout")
+    q = syn.draw(lambda rr: syn.pattern(rr, "max" if p["op"] == "min" else "min"), r, "train")
+    choices = sorted(set(p["xs"]))
+    return {"context": f"{q['question']} {q['answer']} {p['question']}", "choices": choices,
+            "gold": choices.index(p["ys"][0])}
+
+
+def _reverse_first(r):
+    """The first letter of a reversed list (the list's last letter)."""
+    p = syn.draw(lambda rr: syn.pattern(rr, "reverse"), r, "heldout")
+    choices = sorted(set(p["xs"]))
+    return {"context": p["question"], "choices": choices, "gold": choices.index(p["ys"][0])}
+
+
+def _list_position_two(op):
+    """Next letter of a sorted/reversed list (teacher-forced), choosing between the gold and one other of its letters."""
+    def make(r):
+        while True:
+            p = syn.draw(lambda rr: syn.pattern(rr, op), r, "heldout")
+            if len(set(p["xs"])) >= 2:
+                break
+        j = r.randrange(len(p["ys"]))
+        other = r.choice(sorted(set(p["xs"]) - {p["ys"][j]}))
+        choices = sorted([p["ys"][j], other])
+        return {"context": " ".join([p["question"], *p["ys"][:j]]), "choices": choices, "gold": choices.index(p["ys"][j])}
+    return make
+
+
+def _arith_gen_op(op):
+    def make(r):
+        a = syn.draw(lambda rr: syn.arithmetic(rr, op), r, "heldout")
+        return {"context": a["question"], "answer": syn.digits(a["c"])}
+    return make
+
+
+def _arith_gen_rest(r):
+    """The result after its first (least significant) digit is given: generate the rest, exact match."""
+    while True:
+        a = syn.draw(syn.arithmetic, r, "heldout")
+        if a["c"] >= 10:
+            break
+    ds = syn.digits(a["c"]).split()
+    return {"context": f"{a['question']} {ds[0]}", "answer": " ".join(ds[1:])}
+
+
+# name -> (maker, group, generation?) of every candidate tried for v2, in the order they were written (before any
+# was scored); the v1 tasks are candidates too. Which became v2 and why: docs/results/task-suite-v2.md.
+CANDIDATES = {
+    "emb_aux": (_aux, "NLU"), "emb_verb": (_verb, "NLU"), "emb_recall": (_recall(0), "NLU"),
+    "emb_recall_d1": (_recall(1), "NLU"),
+    "emb_minmax_all": (_minmax_all_letters, "Reasoning"), "emb_minmax_after": (_minmax_after_other, "Reasoning"),
+    "emb_reverse_first": (_reverse_first, "Reasoning"), "emb_reverse_two": (_list_position_two("reverse"), "Reasoning"),
+    "emb_arith_add": (_arith_gen_op("+"), "Math"),
+    "emb_arith_rest": (_arith_gen_rest, "Math"),
+}
+for _n, (_m, _g) in CANDIDATES.items():
+    _MAKERS[_n], _GROUP[_n] = _m, _g
+GENERATION = {"emb_arith_gen", "emb_arith_add", "emb_arith_rest"}
+
 SUITE = [TaskSpec(name=n, group=_GROUP[n], metric="exact_match" if n == "emb_arith_gen" else "acc",
                   filter="first-number" if n == "emb_arith_gen" else "none", num_fewshot=0)
          for n in ITEMS]
@@ -119,7 +241,7 @@ def task_config(task: str, data_file: str | Path, chance_points: float = 0.0) ->
     cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
            "test_split": "test", "doc_to_text": "context", "num_fewshot": 0,
            "metadata": {"version": 1.0, "group": _GROUP[task], "chance": round(chance_points, 4)}}
-    if task == "emb_arith_gen":
+    if task in GENERATION:
         cfg.update(output_type="generate_until", doc_to_target="answer",
                    generation_kwargs={"until": [";"], "max_gen_toks": 5, "do_sample": False},
                    filter_list=[{"name": "first-number", "filter": [
