@@ -194,6 +194,9 @@ BAD = {
                              "vllm.gpu_memory_utilization: 1.5 is greater than the maximum of 1"),
     "unknown vllm mode": ("models: {olmoe-1b-7b-0924: {vllm: {mode: fast}}}",
                           "models.olmoe-1b-7b-0924.vllm.mode: 'fast' is not one of ['auto', 'graphs', 'eager']"),
+    "unknown embedded suite": ("models: {olmoe-1b-7b-0924: {tasks: embedded-v9}}",
+                               "models.olmoe-1b-7b-0924.tasks: unknown embedded task suite 'embedded-v9' (allowed: "
+                               "embedded, embedded-v1, embedded-v2)"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),
 }

@@ -30,9 +30,15 @@ from .. import synthetic as syn
 from . import TaskSpec
 
 SEED = 20261123
-ITEMS = {"emb_agreement": 800, "emb_selection": 800, "emb_yesno": 800, "emb_reverse": 800, "emb_sort": 800,
-         "emb_minmax": 800, "emb_digit": 1200, "emb_arith_gen": 1200}
-ITEMS_V1 = ITEMS
+# Suite versions: task -> items, in suite order. `embedded` is the current version (VERSION); `embedded-v<n>` names
+# one. A task keeps its name, items and lm-eval metadata version across suite versions unless it changes; tasks new in
+# v2 carry metadata version 2.0. v1 stays loadable (and byte-identical) for comparison with earlier results.
+ITEMS_V1 = {"emb_agreement": 800, "emb_selection": 800, "emb_yesno": 800, "emb_reverse": 800, "emb_sort": 800,
+            "emb_minmax": 800, "emb_digit": 1200, "emb_arith_gen": 1200}
+ITEMS_V2 = dict(ITEMS_V1)  # placeholder until the design is scored (docs/results/task-suite-v2.md)
+VERSIONS = {1: ITEMS_V1, 2: ITEMS_V2}
+VERSION = 2
+ITEMS = VERSIONS[VERSION]  # the current version's tasks and counts
 
 
 def _agreement(r):
@@ -108,7 +114,7 @@ def _q_prefix(y, upto):
     """The yes/no item's text up to (not including) word `upto` of its question part (aux=0, subject, verb, asked)."""
     aux = "does" if y["num"] == "sg" else "do"
     words = ["question", ":", aux, *y["subj"].split(), syn.VERBS[y["cls"]][1]]
-    cut = {"aux": 2, "verb": 2 + len(y["subj"].split()), "asked": len(words)}[upto]
+    cut = {"aux": 2, "verb": 3 + len(y["subj"].split()), "asked": len(words)}[upto]
     return " ".join([y["subj"], y["verb"], y["obj"], ".", *words[:cut]])
 
 
@@ -142,6 +148,60 @@ def _recall(distractors: int):
         choices = sorted(objs)
         return {"context": " ".join([*pre, _q_prefix(y, "asked")]), "choices": choices, "gold": choices.index(y["obj"])}
     return make
+
+
+def _subject(r):
+    """Recall of the stated subject's noun: after 'S V O . question : aux det [adj]' (the question repeats S)."""
+    y = _yesno_item(r)
+    *pre, noun = y["subj"].split()
+    aux = "does" if y["num"] == "sg" else "do"
+    choices = sorted(syn.NOUN[y["num"]])
+    ctx = " ".join([y["subj"], y["verb"], y["obj"], ".", "question", ":", aux, *pre])
+    return {"context": ctx, "choices": choices, "gold": choices.index(noun)}
+
+
+def _det(r):
+    """Recall of the stated subject's determiner: after 'S V O . question : aux' (the question repeats S)."""
+    y = _yesno_item(r)
+    aux = "does" if y["num"] == "sg" else "do"
+    choices = sorted(syn.DET[y["num"]])
+    ctx = " ".join([y["subj"], y["verb"], y["obj"], ".", "question", ":", aux])
+    return {"context": ctx, "choices": choices, "gold": choices.index(y["subj"].split()[0])}
+
+
+def _qform(r):
+    """Question form: after 'S V O . question : aux S' the verb is the base form, also after a singular S."""
+    y = _yesno_item(r)
+    sg, pl, _ = syn.VERBS[y["cls"]]
+    return {"context": _q_prefix(y, "verb"), "choices": [sg, pl], "gold": 1}
+
+
+def _adj(r):
+    """Recall of the stated subject's adjective: after 'S V O . question : aux det' for subjects with an adjective."""
+    while True:
+        y = _yesno_item(r)
+        if len(y["subj"].split()) == 3:
+            break
+    det, adj, _ = y["subj"].split()
+    aux = "does" if y["num"] == "sg" else "do"
+    choices = sorted(syn.ADJ)
+    ctx = " ".join([y["subj"], y["verb"], y["obj"], ".", "question", ":", aux, det])
+    return {"context": ctx, "choices": choices, "gold": choices.index(adj)}
+
+
+def _with_distractor(make, same):
+    """`make`'s item after a training statement `same(fact, item_fact)` accepts (interference from a prior sentence)."""
+    def wrapped(r):
+        state = r.getstate()
+        y = _yesno_item(r)
+        r.setstate(state)
+        it = make(r)
+        while True:
+            f = syn.draw(syn.fact, r, "train")
+            if f["subj"] != y["subj"] and same(f, y):
+                break
+        return {**it, "context": f"{f['question']} {f['answer']} {it['context']}"}
+    return wrapped
 
 
 def _minmax_all_letters(r):
@@ -205,14 +265,40 @@ CANDIDATES = {
     "emb_reverse_first": (_reverse_first, "Reasoning"), "emb_reverse_two": (_list_position_two("reverse"), "Reasoning"),
     "emb_arith_add": (_arith_gen_op("+"), "Math"),
     "emb_arith_rest": (_arith_gen_rest, "Math"),
+    # round 2 (written after round 1's original-model scores: every NLU candidate of round 1 was at 100 or at chance)
+    "emb_subject": (_subject, "NLU"), "emb_det": (_det, "NLU"), "emb_qform": (_qform, "NLU"),
+    # round 3 (after round 2: emb_verb, with its position fixed, at 100, emb_det within the band)
+    "emb_adj": (_adj, "NLU"),
+    "emb_verb_d1": (_with_distractor(_verb, lambda f, y: f["cls"] != y["cls"] and f["num"] == y["num"]), "NLU"),
+    "emb_det_d1": (_with_distractor(_det, lambda f, y: f["num"] == y["num"] and f["subj"].split()[0] != y["subj"].split()[0]), "NLU"),
 }
 for _n, (_m, _g) in CANDIDATES.items():
     _MAKERS[_n], _GROUP[_n] = _m, _g
 GENERATION = {"emb_arith_gen", "emb_arith_add", "emb_arith_rest"}
 
-SUITE = [TaskSpec(name=n, group=_GROUP[n], metric="exact_match" if n == "emb_arith_gen" else "acc",
-                  filter="first-number" if n == "emb_arith_gen" else "none", num_fewshot=0)
-         for n in ITEMS]
+
+
+def suite_name(version: int) -> str:
+    return f"embedded-v{version}"
+
+
+NAMES = {"embedded": VERSION, **{suite_name(v): v for v in VERSIONS}}  # suite name -> version
+
+
+def version_of(name: str) -> int:
+    """The version a suite name stands for (`embedded` = the current one); one-line error naming the allowed names."""
+    if name not in NAMES:
+        raise AllocMoeError(f"unknown embedded task suite {name!r}; allowed: {', '.join(NAMES)}")
+    return NAMES[name]
+
+
+def specs(version: int = VERSION) -> list[TaskSpec]:
+    return [TaskSpec(name=n, group=_GROUP[n], metric="exact_match" if n in GENERATION else "acc",
+                     filter="first-number" if n in GENERATION else "none", num_fewshot=0)
+            for n in VERSIONS[version]]
+
+
+SUITE = specs(VERSION)
 
 
 def chance(items: list[dict]) -> float:
@@ -240,7 +326,8 @@ def task_config(task: str, data_file: str | Path, chance_points: float = 0.0) ->
     more than the model's forward passes)."""
     cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
            "test_split": "test", "doc_to_text": "context", "num_fewshot": 0,
-           "metadata": {"version": 1.0, "group": _GROUP[task], "chance": round(chance_points, 4)}}
+           "metadata": {"version": 1.0 if task in ITEMS_V1 else 2.0, "group": _GROUP[task],
+                        "chance": round(chance_points, 4)}}
     if task in GENERATION:
         cfg.update(output_type="generate_until", doc_to_target="answer",
                    generation_kwargs={"until": [";"], "max_gen_toks": 5, "do_sample": False},
@@ -253,20 +340,40 @@ def task_config(task: str, data_file: str | Path, chance_points: float = 0.0) ->
     return cfg
 
 
-def write_suite(out_dir: str | Path, *, seed: int = SEED, items: dict | None = None) -> list[Path]:
-    """Write each task's items (`<task>.jsonl`) and its lm-eval YAML (`<task>.yaml`, data path relative to it)."""
+def write_suite(out_dir: str | Path, *, seed: int = SEED, items: dict | None = None, version: int = VERSION) -> list[Path]:
+    """Write each task's items (`<task>.jsonl`) and its lm-eval YAML (`<task>.yaml`, data path relative to it) for
+    suite `version`, and `suite.json` naming the version (so a folder of another version is never taken for it)."""
     import yaml
 
+    if version not in VERSIONS:
+        raise AllocMoeError(f"unknown embedded suite version {version}; allowed: {', '.join(map(str, VERSIONS))}")
+    tasks = VERSIONS[version]
+    unknown = sorted(set(items or {}) - set(tasks))
+    if unknown:
+        raise AllocMoeError(f"{suite_name(version)} has no task(s) {', '.join(unknown)}; it has: {', '.join(tasks)}")
     out = Path(out_dir)
-    counts = {**ITEMS, **(items or {})}
+    counts = {**tasks, **(items or {})}
     written = []
-    for task in ITEMS:
+    for task in tasks:
         rows = make_items(task, counts[task], seed)
         atomic_write_text(out / f"{task}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
         cfg = task_config(task, f"{task}.jsonl", chance(rows))  # relative: resolved against the YAML's folder when loaded
         atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(cfg, sort_keys=False))
         written.append(out / f"{task}.yaml")
+    atomic_write_text(out / "suite.json", json.dumps({"suite": suite_name(version), "version": version,
+                                                      "tasks": list(tasks)}) + "\n")
     return written
+
+
+def suite_version_in(folder: str | Path) -> int | None:
+    """The version recorded in a folder written by `write_suite` (None: no suite.json, e.g. written before v2)."""
+    p = Path(folder) / "suite.json"
+    if not p.exists():
+        return None
+    try:
+        return int(json.loads(p.read_text(encoding="utf-8"))["version"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AllocMoeError(f"{p}: not an embedded suite marker ({type(e).__name__})") from None
 
 
 def register_cli(sub) -> None:
@@ -275,13 +382,20 @@ def register_cli(sub) -> None:
     p.add_argument("--out", required=True, help="directory to write the tasks into")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--items", type=int, default=None, help="items per task (default: the suite's own counts)")
+    p.add_argument("--version", default=str(VERSION),
+                   help=f"suite version ({', '.join(map(str, VERSIONS))}) or name ({', '.join(NAMES)}); "
+                        f"default {VERSION}, the current one")
     p.set_defaults(func=_cmd_make_tasks)
 
 
 def _cmd_make_tasks(args) -> int:
     if args.items is not None and args.items < 1:
         raise AllocMoeError(f"--items must be >= 1, got {args.items}")
-    items = {t: args.items for t in ITEMS} if args.items else None
-    paths = write_suite(args.out, seed=args.seed, items=items)
-    print(f"wrote {len(paths)} tasks to {args.out}")
+    v = args.version
+    version = version_of(v) if v in NAMES else int(v) if v.isdigit() and int(v) in VERSIONS else None
+    if version is None:
+        raise AllocMoeError(f"unknown --version {v!r}; allowed: {', '.join([*map(str, VERSIONS), *NAMES])}")
+    items = {t: args.items for t in VERSIONS[version]} if args.items else None
+    paths = write_suite(args.out, seed=args.seed, items=items, version=version)
+    print(f"wrote {len(paths)} tasks of {suite_name(version)} to {args.out}")
     return 0
