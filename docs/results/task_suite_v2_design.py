@@ -4,6 +4,7 @@ Only the original model is evaluated here: no method and no budget ever sees a c
 
     python docs/results/task_suite_v2_design.py --model s0=DIR --model s1=DIR --model s2=DIR --work /tmp/design \\
         --out docs/results/task-suite-v2-scores.json [--tasks a,b,...] [--threads 1]
+    python docs/results/task_suite_v2_design.py --table docs/results/task-suite-v2-scores.json   # markdown table
 
 Each candidate gets `--items` items (default 800; the v1 counts for the v1 tasks) from `embedded.make_items` with the
 suite's seed; scores land in --out (merged with what is already there), per task and seed: value, stderr, chance.
@@ -34,7 +35,30 @@ def write_candidates(folder: Path, tasks: list[str], items: int) -> None:
         atomic_write_text(folder / f"{t}.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
 
+def passes(per_seed: dict) -> bool:
+    """R1: chance + 10 <= score <= 95 on every seed."""
+    return all(v["chance"] + 10 <= v["value"] <= 95 for v in per_seed.values())
+
+
+def table(scores: dict, labels=("s0", "s1", "s2")) -> str:
+    """Markdown: per task, chance, the original model's score per seed (+- lm-eval's SE) and whether R1 holds."""
+    group = {t: embedded._GROUP.get(t.split("@")[0], "?") for t in scores}  # task@v2: at its v2 item count
+    out = ["| task | group | items | chance | " + " | ".join(labels) + " | R1 |", "|---|---|---:|---:|" +
+           "---:|" * len(labels) + "---|"]
+    order = {"NLU": 0, "Reasoning": 1, "Math": 2}
+    for t in sorted(scores, key=lambda t: (order.get(group[t], 9), t)):
+        per = scores[t]
+        first = next(iter(per.values()))
+        cells = [f"{per[s]['value']:.2f} +- {per[s]['stderr']:.2f}" if s in per else "-" for s in labels]
+        ok = "yes" if all(s in per for s in labels) and passes(per) else "no"
+        out.append(f"| {t} | {group[t]} | {first['items']} | {first['chance']:.2f} | " + " | ".join(cells) + f" | {ok} |")
+    return "\n".join(out)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--table"]:
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append", required=True, help="label=model dir (the original model of a seed)")
     ap.add_argument("--tasks", default=",".join(V1 + list(embedded.CANDIDATES)))

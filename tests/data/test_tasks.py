@@ -174,7 +174,7 @@ def test_v2_new_tasks_are_held_out_unique_and_record_chance(task, tmp_path):
         assert all(w in syn.VOCAB for w in it["context"].split())
         if "choices" in it:
             assert 0 <= it["gold"] < len(it["choices"]) and len(set(it["choices"])) == len(it["choices"])
-            assert all(c in syn.VOCAB for c in it["choices"])
+            assert all(w in syn.VOCAB for c in it["choices"] for w in c.split())  # whole results: several tokens
         else:
             assert it["answer"] and all(w in syn.VOCAB for w in it["answer"].split())
         if embedded._GROUP[task] == "NLU":
@@ -191,8 +191,9 @@ def test_v2_new_tasks_are_held_out_unique_and_record_chance(task, tmp_path):
             op = "+" if "+" in q else "-"
             a, b = (int(x.replace(" ", "")[::-1]) for x in q.split(op))  # least significant digit first
             full = syn.digits(a + b if op == "+" else a - b).split()
-            assert given.split() + (it["answer"].split() if "answer" in it else [it["choices"][it["gold"]]]) == \
-                full[:len(given.split()) + (len(full) if "answer" in it else 1)]
+            ans = it["answer"].split() if "answer" in it else it["choices"][it["gold"]].split()
+            whole = "answer" in it or task == "emb_arith_choice"  # the whole result, not its next digit
+            assert given.split() + ans == (full if whole else full[:len(given.split()) + 1])
     assert embedded.make_items(task, 50) == items[:50]
     embedded.write_suite(tmp_path, version=2, items={t: 20 for t in embedded.ITEMS_V2})
     import yaml

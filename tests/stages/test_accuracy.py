@@ -26,6 +26,7 @@ def setup(tmp_path_factory):
                 p.mul_(40.0)
     model.save_pretrained(d / "model")
     embedded.write_suite(d / "tasks", items={t: N for t in embedded.ITEMS})
+    embedded.write_suite(d / "tasks-v1", items={t: N for t in embedded.ITEMS_V1}, version=1)  # has a generation task
     model = zoo.make_model("deepseek_v2", layers=3, router_std=1.0, seed=0)
     layers = zoo.moe_layer_indices(model)
     k = zoo.k_orig(model)
@@ -51,8 +52,8 @@ def test_eval_matches_lm_eval_called_directly(setup):
     import alloc_moe
 
     d = setup
-    tasks = resolve_tasks(str(d / "tasks" / "emb_yesno.yaml"))
-    tasks += resolve_tasks(str(d / "tasks" / "emb_arith_gen.yaml"))
+    tasks = resolve_tasks(str(d / "tasks-v1" / "emb_yesno.yaml"))
+    tasks += resolve_tasks(str(d / "tasks-v1" / "emb_arith_gen.yaml"))
     ours = evaluate(str(d / "model"), [None, alloc_moe.Plan.load(d / "alloct.json")], tasks, batch_size=16)
     model = AutoModelForCausalLM.from_pretrained(d / "model").eval()
     tok = AutoTokenizer.from_pretrained(d / "model")
