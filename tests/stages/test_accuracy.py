@@ -83,7 +83,7 @@ def test_tight_plan_changes_scores_and_computed_pairs(setup, tmp_path):
     assert tight["activations_per_token"] == pytest.approx(orig["activations_per_token"] / 2)
     assert orig["perplexity"]["activations_per_token"] == 4 and tight["perplexity"]["activations_per_token"] == 2
     assert tight["perplexity"]["ppl"] != orig["perplexity"]["ppl"]
-    assert {g["group"] for g in orig["groups"]} == {"NLU", "Reasoning", "Math"}
+    assert {g["group"] for g in orig["groups"]} == {s.group for s in embedded.SUITE}  # v2: Reasoning, Math
     # per-item results (the claims' paired statistics): one 0/1 int per document, their mean is the task's score
     for res in (orig, tight):
         assert list(res)[-1] == "items" and sorted(res["items"]) == sorted(embedded.ITEMS)
@@ -111,10 +111,10 @@ def test_summary_table_and_group_scores(setup, tmp_path):
     df = accuracy_table([out])
     assert list(df.columns) == ROW_COLUMNS and len(df) == len(embedded.ITEMS)
     g = group_table(df, k_base=1)
-    nlu = df[df.group == "NLU"]
-    row = g[g.group == "NLU"].iloc[0]
-    assert row.method == "Original" and row.value == pytest.approx(nlu.value.mean())
-    assert row.stderr == pytest.approx((nlu.stderr ** 2).sum() ** 0.5 / 3)
+    grp = df[df.group == "Reasoning"]
+    row = g[g.group == "Reasoning"].iloc[0]
+    assert row.method == "Original" and row.value == pytest.approx(grp.value.mean())
+    assert row.stderr == pytest.approx((grp.stderr ** 2).sum() ** 0.5 / len(grp))
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -143,7 +143,7 @@ def test_plan_for_another_model_fails_before_loading(setup, tmp_path, capsys):
 
 def test_missing_local_data_file(setup, tmp_path, capsys):
     d = setup
-    (tmp_path / "t.yaml").write_text((d / "tasks" / "emb_yesno.yaml").read_text())
+    (tmp_path / "t.yaml").write_text((d / "tasks-v1" / "emb_yesno.yaml").read_text())
     assert main(["eval", "--model", str(d / "model"), "--tasks", str(tmp_path / "t.yaml"), "--out",
                  str(tmp_path / "r.json")]) == 2
     assert "data file" in capsys.readouterr().err

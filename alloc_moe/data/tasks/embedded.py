@@ -1,5 +1,10 @@
 """The `embedded` task suite: multiple-choice (loglikelihood) and generation tasks on held-out synthetic items.
 
+Versioned (`VERSIONS`): `embedded` = the current version, v2; `embedded-v1` / `embedded-v2` name one. v2 keeps
+emb_sort (with more items, v1's first) and emb_digit and replaces the rest, to a rule decided from the original
+model's scores alone (docs/results/task-suite-v2.md): emb_minmax_all (Reasoning) and emb_arith_mc (Math); no NLU task
+met the rule, so v2 has no NLU group. `CANDIDATES` are every task tried for v2. The table below is v1:
+
 Three groups mirror the paper's (NLU / Reasoning / Math). Every item's question is held out from training and
 calibration text (`synthetic.is_heldout`), and items are unique by context. Answers are single tokens, so lm-eval
 scores a multiple-choice item with one forward pass (its logits cache for one-token continuations).
