@@ -292,11 +292,9 @@ def _arith_choice(r):
 
 
 def _arith_choice_end(r):
-    """emb_arith_choice with each result followed by the corpus's end mark ';'. lm-eval scores a multi-token choice
-    from the logits of its context plus all its tokens but the last; without the end mark that text ('Q = 6') can be
-    an emb_digit context, and lm-eval then shares one forward pass between the two requests and mis-scores the
-    one-token one (emb_digit fell from 61.8 to 49.2 on seed 0 when both ran together). With ';' the shared text
-    holds a whole result, which no emb_digit context does."""
+    """emb_arith_choice with each result followed by the corpus's end mark ';' (an attempt to keep lm-eval from
+    sharing forward passes with emb_digit; it still did when a distractor's digits begin the true result's, which
+    `_arith_mc` leaves out)."""
     it = _arith_choice(r)
     return {**it, "choices": [c + " ;" for c in it["choices"]]}
 
