@@ -301,9 +301,9 @@ def dataset_of(task: str, cfg: dict, packaged: set[str]) -> DatasetNeed | None:
 
 def _expand(item: str, configs: TaskConfigs) -> list[tuple[str, object]]:
     """(lm-eval name, registry) pairs a `tasks` item stands for; [] for the embedded suite (local data)."""
-    from .tasks import SUITE_NAMES, suite
+    from .tasks import EMBEDDED_NAMES, SUITE_NAMES, suite
 
-    if item == "embedded":
+    if item in EMBEDDED_NAMES:
         return []
     if item in SUITE_NAMES:
         return [(s.name, None) for s in suite(item)]

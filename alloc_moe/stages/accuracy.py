@@ -28,7 +28,7 @@ from pathlib import Path
 from ..backends.base import BACKENDS, DTYPE_HELP, check_dtype, get_backend
 from ..backends.vllm import options as vllm_options
 from ..core.plan import Plan
-from ..data.tasks import SUITE_NAMES, TaskSpec, group_scores, suite
+from ..data.tasks import EMBEDDED_NAMES, SUITE_NAMES, TaskSpec, group_scores, suite
 from ..errors import AllocMoeError
 from ..io import atomic_write_text, sha256_file
 
@@ -37,17 +37,26 @@ ROW_COLUMNS = ["model", "layer_method", "token_allocation", "k_base", "budget", 
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------------
-def _embedded_dir(include_path: str | None) -> Path:
-    """The generated embedded suite: `include_path` if it holds it, else a cache keyed by the generator's code."""
+def _embedded_dir(include_path: str | None, version: int | None = None) -> Path:
+    """The generated embedded suite of `version` (default: the current one): `include_path` if it holds it, else a
+    cache keyed by the generator's code and the version. A folder whose suite.json names another version is an error
+    (one line), not silently replaced."""
     from ..data.tasks import embedded
 
+    version = embedded.VERSION if version is None else version
+    tasks = embedded.VERSIONS[version]
     if include_path and any(Path(include_path).glob("emb_*.yaml")):
-        return Path(include_path)
+        found = embedded.suite_version_in(include_path)
+        if found is not None and found != version:
+            raise AllocMoeError(f"{include_path} holds {embedded.suite_name(found)}, not the asked "
+                                f"{embedded.suite_name(version)}: write it with `alloc-moe make-tasks --version {version}`")
+        if found == version or all((Path(include_path) / f"{t}.yaml").exists() for t in tasks):
+            return Path(include_path)
     src = Path(embedded.__file__)
     key = hashlib.sha256(src.read_bytes() + (src.parent.parent / "synthetic.py").read_bytes()).hexdigest()[:12]
-    cache = Path.home() / ".cache" / "alloc_moe" / f"embedded-tasks-{key}"
-    if not all((cache / f"{t}.yaml").exists() for t in embedded.ITEMS):
-        embedded.write_suite(cache)
+    cache = Path.home() / ".cache" / "alloc_moe" / f"embedded-v{version}-tasks-{key}"
+    if not all((cache / f"{t}.yaml").exists() for t in tasks):
+        embedded.write_suite(cache, version=version)
     return cache
 
 
@@ -86,9 +95,12 @@ def resolve_tasks(tasks: str, include_path: str | None = None) -> list[tuple[Tas
     [(spec, what lm-eval gets)]. Fails with one line on anything unknown, before any model is loaded."""
     out, names = [], []
     for item in [t.strip() for t in tasks.split(",") if t.strip()]:
-        if item == "embedded":
-            d = _embedded_dir(include_path)
-            for s in suite("embedded"):
+        if item in EMBEDDED_NAMES or item.startswith("embedded-v"):  # embedded-v9: one line naming the versions
+            from ..data.tasks import embedded
+
+            version = embedded.version_of(item)
+            d = _embedded_dir(include_path, version)
+            for s in suite(item):
                 cfg = _local_config(d / f"{s.name}.yaml")
                 out.append((dataclasses.replace(s, chance=(cfg.get("metadata") or {}).get("chance")), cfg))
         elif item in SUITE_NAMES:
@@ -297,7 +309,7 @@ def register_cli(sub) -> None:
     p.add_argument("--model", required=True, help="hub id or local model directory")
     p.add_argument("--plan", action="append", default=None,
                    help="plan JSON (repeat for several plans in one process; 'original' = no plan; default: original)")
-    p.add_argument("--tasks", required=True, help="comma-separated: suite (embedded, paper), lm-eval task names, or "
+    p.add_argument("--tasks", required=True, help=f"comma-separated: suite ({', '.join(SUITE_NAMES)}), lm-eval task names, or "
                                                   "paths to task YAML files / folders")
     p.add_argument("--backend", default="hf", help=f"one of: {', '.join(BACKENDS)} (default hf)")
     p.add_argument("--out", action="append", required=True, help="result JSON (one per --plan, in the same order)")

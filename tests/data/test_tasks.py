@@ -1,16 +1,31 @@
 """Task suites: the embedded items (held out, unique, well-formed), lm-eval configs, the paper suite by construction,
 and group aggregation against hand-computed values."""
 
+import hashlib
 import json
 import math
+import random
 
 import pytest
 
 from alloc_moe.data import synthetic as syn
-from alloc_moe.data.tasks import GROUPS, embedded, group_scores, suite
+from alloc_moe.data.tasks import EMBEDDED_NAMES, GROUPS, embedded, group_scores, suite
+from alloc_moe.errors import AllocMoeError
+
+# sha256 of files written by `alloc-moe make-tasks` before the suite was versioned (commit d638d39): v1 must not move
+V1_SHA256 = {
+    "emb_agreement.jsonl": "1e66f9839a5c87b789a0e3c63cf3925575a17d4571c2649d57fa81e858601731",
+    "emb_yesno.jsonl": "05efee8eb25640c9c19d6a1488b29e17b2b71757951a3025e4b8759825e4e129",
+    "emb_yesno.yaml": "cea79105a9504e4fd2acc01777a619121726c734a11ae273b0ec503cef2348fa",
+    "emb_minmax.jsonl": "5798738a06d7393b66cab718b237420b94a44ec6192894909de43b6ae93b0938",
+    "emb_sort.jsonl": "ee721eaac5fd0d789d75cbec9ffb8b0c0013c0b154a00b434ec9d2500bbe592a",
+    "emb_digit.jsonl": "6bed6a13c6223c50485e0320a72bfc41d01efb6bc213219b6102f6d48d6d7be5",
+    "emb_arith_gen.jsonl": "ab86ff4d2107755e9ebd317f75ad1086557e34b89b82a83ab065c68f784fb2f0",
+    "emb_arith_gen.yaml": "a9ac530fd612b8b937e62c472903585b8037640f0354944c8b02953180eca27a",
+}
 
 
-@pytest.mark.parametrize("task", list(embedded.ITEMS))
+@pytest.mark.parametrize("task", list(embedded.ITEMS_V1))
 def test_items_are_held_out_unique_and_well_formed(task):
     items = embedded.make_items(task, 300)
     assert len({it["context"] for it in items}) == 300
@@ -97,3 +112,133 @@ def test_group_scores_hand_computed():
     assert [g["group"] for g in group_scores(rows)] == ["NLU", "Math"]  # the paper's group order
     assert out["NLU"]["value"] == 70.0 and out["NLU"]["stderr"] == pytest.approx(math.sqrt(9 + 16) / 2)
     assert out["Math"]["value"] == 10.0 and out["Math"]["stderr"] == 1.0 and out["NLU"]["n_tasks"] == 2
+
+
+# ---- versions --------------------------------------------------------------------------------------------------
+def test_v1_is_byte_identical_to_the_suite_before_versioning(tmp_path):
+    embedded.write_suite(tmp_path, version=1)
+    for name, digest in V1_SHA256.items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest, name
+    assert json.loads((tmp_path / "suite.json").read_text())["suite"] == "embedded-v1"
+
+
+def test_suite_names_and_versions():
+    assert tuple(embedded.NAMES) == EMBEDDED_NAMES
+    assert embedded.version_of("embedded") == embedded.VERSION == 2
+    assert [s.name for s in suite("embedded")] == [s.name for s in suite("embedded-v2")] == list(embedded.ITEMS_V2)
+    assert [s.name for s in suite("embedded-v1")] == list(embedded.ITEMS_V1)
+    # v1 tasks kept in v2 keep their v1 items first (emb_digit all of them: lm-eval version 1.0; emb_sort with more
+    # items after them: 2.0); tasks new in v2 get lm-eval metadata version 2.0
+    for t, n in embedded.ITEMS_V2.items():
+        if t in embedded.ITEMS_V1:
+            assert embedded.make_items(t, n)[:embedded.ITEMS_V1[t]] == embedded.make_items(t, embedded.ITEMS_V1[t])
+        same = embedded.ITEMS_V1.get(t) == n
+        assert embedded.task_config(t, "x.jsonl", count=n)["metadata"]["version"] == (1.0 if same else 2.0)
+    assert embedded.ITEMS_V2["emb_digit"] == embedded.ITEMS_V1["emb_digit"]
+    # no NLU task met the v2 rule on every training seed (docs/results/task-suite-v2.md)
+    assert {s.group for s in suite("embedded-v2")} == {"Reasoning", "Math"}
+
+
+def test_v2_groups_resolve_a_one_point_difference():
+    """R2 of the design note: 1.96 x paired SE <= 1 point per group at the v1 suite's measured discordance."""
+    d = {"Reasoning": 0.0768, "Math": 0.0325}
+    for g, dg in d.items():
+        ns = [n for t, n in embedded.ITEMS_V2.items() if embedded._GROUP[t] == g]
+        assert 1.96 * 100 * math.sqrt(sum(dg / n for n in ns)) / len(ns) <= 1.0, g
+
+
+def test_v2_multi_token_choices_share_no_forward_pass_with_another_task():
+    """lm-eval shares one forward pass between requests whose context + continuation minus its last token are the
+    same text; emb_arith_mc's choices never make such a text equal to another v2 task's context."""
+    by_task = {t: embedded.make_items(t, n) for t, n in embedded.ITEMS_V2.items()}
+    contexts = {it["context"] for items in by_task.values() for it in items}
+    for t, items in by_task.items():
+        for it in items:
+            for c in it.get("choices", []):
+                if len(c.split()) > 1:
+                    assert f"{it['context']} {' '.join(c.split()[:-1])}" not in contexts, (t, it)
+
+
+@pytest.mark.parametrize("name", ["embedded-v9", "embedded-v0", "emb"])
+def test_bad_suite_name_is_one_line(name):
+    with pytest.raises(AllocMoeError) as e:
+        suite(name)
+    assert "\n" not in str(e.value) and "allowed: embedded, embedded-v1, embedded-v2, paper" in str(e.value)
+
+
+def test_make_tasks_version_flag(tmp_path, capsys):
+    from alloc_moe.cli import main
+
+    assert main(["make-tasks", "--out", str(tmp_path / "a"), "--version", "embedded-v1", "--items", "5"]) == 0
+    assert json.loads((tmp_path / "a" / "suite.json").read_text())["version"] == 1
+    assert main(["make-tasks", "--out", str(tmp_path / "b"), "--items", "5"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "b").glob("*.yaml")) == sorted(embedded.ITEMS_V2)
+    assert main(["make-tasks", "--out", str(tmp_path / "c"), "--version", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown --version '3'" in err[0]
+
+
+def _yes_question(context: str) -> str:
+    """The held-out 'yes' question an NLU v2 item is built from: its first statement (after any distractor)."""
+    stmt = (context + " ").split(" question : ")[0].split(" . ")[-1].removesuffix(" .")
+    words = stmt.split()
+    verb_i = next(i for i, w in enumerate(words) if any(w in (sg, pl) for sg, pl, _ in syn.VERBS.values()))
+    subj, verb, obj = " ".join(words[:verb_i]), words[verb_i], words[verb_i + 1]
+    cls = next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))
+    aux = "does" if verb == syn.VERBS[cls][0] else "do"
+    return f"{subj} {verb} {obj} . question : {aux} {subj} {syn.VERBS[cls][1]} {obj} ? answer :"
+
+
+@pytest.mark.parametrize("task", [t for t in embedded.ITEMS_V2 if t not in embedded.ITEMS_V1])
+def test_v2_new_tasks_are_held_out_unique_and_record_chance(task, tmp_path):
+    n = 300
+    items = embedded.make_items(task, n)
+    assert len({it["context"] for it in items}) == n
+    for it in items:
+        assert all(w in syn.VOCAB for w in it["context"].split())
+        if "choices" in it:
+            assert 0 <= it["gold"] < len(it["choices"]) and len(set(it["choices"])) == len(it["choices"])
+            assert all(w in syn.VOCAB for c in it["choices"] for w in c.split())  # whole results: several tokens
+        else:
+            assert it["answer"] and all(w in syn.VOCAB for w in it["answer"].split())
+        if embedded._GROUP[task] == "NLU":
+            assert syn.is_heldout(_yes_question(it["context"]))
+        elif embedded._GROUP[task] == "Reasoning":
+            head, _, done = it["context"].split(" ; ")[-1].partition("=")  # the list question asked, teacher-forced part
+            op, *xs = head.split()
+            ys = {"reverse": xs[::-1], "sort": sorted(xs), "min": [min(xs)], "max": [max(xs)]}[op]
+            assert syn.is_heldout(f"{op} {' '.join(xs)} =")
+            assert it["choices"][it["gold"]] == ys[len(done.split())]
+        else:
+            q, _, given = it["context"].partition("=")
+            assert syn.is_heldout(q + "=")
+            op = "+" if "+" in q else "-"
+            a, b = (int(x.replace(" ", "")[::-1]) for x in q.split(op))  # least significant digit first
+            full = syn.digits(a + b if op == "+" else a - b).split()
+            ans = it["answer"].split() if "answer" in it else it["choices"][it["gold"]].removesuffix(" ;").split()
+            whole = "answer" in it or task.startswith(("emb_arith_choice", "emb_arith_mc"))  # not the next digit
+            assert given.split() + ans == (full if whole else full[:len(given.split()) + 1])
+    assert embedded.make_items(task, 50) == items[:50]
+    embedded.write_suite(tmp_path, version=2, items={t: 20 for t in embedded.ITEMS_V2})
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / f"{task}.yaml").read_text())
+    rows = [json.loads(x) for x in (tmp_path / f"{task}.jsonl").read_text().splitlines()]
+    assert cfg["metadata"]["chance"] == pytest.approx(embedded.chance(rows), abs=1e-3)
+    assert cfg["metadata"]["group"] == embedded._GROUP[task] and cfg["metadata"]["version"] == 2.0
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_both_versions_load_in_lm_eval_offline(version, tmp_path, monkeypatch):
+    """Each version's folder loads in lm-eval from its YAMLs alone (no hub access), with the items as documents."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from alloc_moe.stages.accuracy import _task_manager, resolve_tasks
+
+    embedded.write_suite(tmp_path, version=version, items={t: 7 for t in embedded.VERSIONS[version]})
+    tasks = resolve_tasks(f"embedded-v{version}", str(tmp_path))
+    assert [s.name for s, _ in tasks] == list(embedded.VERSIONS[version])
+    loaded = _task_manager(None, False).load([cfg for _, cfg in tasks])
+    assert {n: len(list(t.eval_docs)) for n, t in loaded["tasks"].items()} == {t: 7 for t in embedded.VERSIONS[version]}
+    with pytest.raises(AllocMoeError, match=f"holds embedded-v{version}, not the asked"):
+        resolve_tasks(f"embedded-v{3 - version}", str(tmp_path))

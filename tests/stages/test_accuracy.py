@@ -26,6 +26,7 @@ def setup(tmp_path_factory):
                 p.mul_(40.0)
     model.save_pretrained(d / "model")
     embedded.write_suite(d / "tasks", items={t: N for t in embedded.ITEMS})
+    embedded.write_suite(d / "tasks-v1", items={t: N for t in embedded.ITEMS_V1}, version=1)  # has a generation task
     model = zoo.make_model("deepseek_v2", layers=3, router_std=1.0, seed=0)
     layers = zoo.moe_layer_indices(model)
     k = zoo.k_orig(model)
@@ -51,8 +52,8 @@ def test_eval_matches_lm_eval_called_directly(setup):
     import alloc_moe
 
     d = setup
-    tasks = resolve_tasks(str(d / "tasks" / "emb_yesno.yaml"))
-    tasks += resolve_tasks(str(d / "tasks" / "emb_arith_gen.yaml"))
+    tasks = resolve_tasks(str(d / "tasks-v1" / "emb_yesno.yaml"))
+    tasks += resolve_tasks(str(d / "tasks-v1" / "emb_arith_gen.yaml"))
     ours = evaluate(str(d / "model"), [None, alloc_moe.Plan.load(d / "alloct.json")], tasks, batch_size=16)
     model = AutoModelForCausalLM.from_pretrained(d / "model").eval()
     tok = AutoTokenizer.from_pretrained(d / "model")
@@ -82,7 +83,7 @@ def test_tight_plan_changes_scores_and_computed_pairs(setup, tmp_path):
     assert tight["activations_per_token"] == pytest.approx(orig["activations_per_token"] / 2)
     assert orig["perplexity"]["activations_per_token"] == 4 and tight["perplexity"]["activations_per_token"] == 2
     assert tight["perplexity"]["ppl"] != orig["perplexity"]["ppl"]
-    assert {g["group"] for g in orig["groups"]} == {"NLU", "Reasoning", "Math"}
+    assert {g["group"] for g in orig["groups"]} == {s.group for s in embedded.SUITE}  # v2: Reasoning, Math
     # per-item results (the claims' paired statistics): one 0/1 int per document, their mean is the task's score
     for res in (orig, tight):
         assert list(res)[-1] == "items" and sorted(res["items"]) == sorted(embedded.ITEMS)
@@ -110,10 +111,10 @@ def test_summary_table_and_group_scores(setup, tmp_path):
     df = accuracy_table([out])
     assert list(df.columns) == ROW_COLUMNS and len(df) == len(embedded.ITEMS)
     g = group_table(df, k_base=1)
-    nlu = df[df.group == "NLU"]
-    row = g[g.group == "NLU"].iloc[0]
-    assert row.method == "Original" and row.value == pytest.approx(nlu.value.mean())
-    assert row.stderr == pytest.approx((nlu.stderr ** 2).sum() ** 0.5 / 3)
+    grp = df[df.group == "Reasoning"]
+    row = g[g.group == "Reasoning"].iloc[0]
+    assert row.method == "Original" and row.value == pytest.approx(grp.value.mean())
+    assert row.stderr == pytest.approx((grp.stderr ** 2).sum() ** 0.5 / len(grp))
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -142,7 +143,7 @@ def test_plan_for_another_model_fails_before_loading(setup, tmp_path, capsys):
 
 def test_missing_local_data_file(setup, tmp_path, capsys):
     d = setup
-    (tmp_path / "t.yaml").write_text((d / "tasks" / "emb_yesno.yaml").read_text())
+    (tmp_path / "t.yaml").write_text((d / "tasks-v1" / "emb_yesno.yaml").read_text())
     assert main(["eval", "--model", str(d / "model"), "--tasks", str(tmp_path / "t.yaml"), "--out",
                  str(tmp_path / "r.json")]) == 2
     assert "data file" in capsys.readouterr().err

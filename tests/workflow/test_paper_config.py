@@ -196,6 +196,9 @@ BAD = {
                           "models.olmoe-1b-7b-0924.vllm.mode: 'fast' is not one of ['auto', 'graphs', 'eager']"),
     "latency threads": ("latency: {threads: many}",
                         "latency.threads: 'many' is not allowed (allowed: an integer >= 1 or 'all')"),
+    "unknown embedded suite": ("models: {olmoe-1b-7b-0924: {tasks: embedded-v9}}",
+                               "models.olmoe-1b-7b-0924.tasks: unknown embedded task suite 'embedded-v9' (allowed: "
+                               "embedded, embedded-v1, embedded-v2)"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),
 }

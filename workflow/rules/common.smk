@@ -62,6 +62,15 @@ for _where, _name in [*((f"models.{m}.backend", s.get("backend")) for m, s in co
     if _name is not None and _name not in BACKENDS:
         config_fail(f"{_where}: unknown backend {_name!r} (allowed: {', '.join(BACKENDS)})")
 
+# Embedded task suites are versioned (`embedded` = the current version, `embedded-v<n>` one version): a misspelt
+# version fails here, not in a job. Other `tasks` values (lm-eval names, task YAML paths) are checked by the eval job.
+from alloc_moe.data.tasks import EMBEDDED_NAMES
+
+for _m, _s in config["models"].items():
+    for _t in str(_s.get("tasks", "embedded")).split(","):
+        if _t.strip().startswith("embedded") and _t.strip() not in EMBEDDED_NAMES:
+            config_fail(f"models.{_m}.tasks: unknown embedded task suite {_t.strip()!r} (allowed: {', '.join(EMBEDDED_NAMES)})")
+
 # Rules call the `alloc-moe` console script; make the one next to this Python first on PATH (a venv that is not
 # activated). Under --use-conda the env's own bin comes first. Not an `envvars:` case: nothing is required from the
 # user, and cluster jobs must keep their own PATH, so it is only prepended here, for jobs started from this process.
@@ -324,15 +333,25 @@ def _eval_text_input(wc):
     return [EVAL_TEXT] if _is_hf(wc.run) and (EVAL_TEXT.startswith("results/") or os.path.exists(EVAL_TEXT)) else []
 
 
+def embedded_suite(run):
+    """The versioned embedded suite a run evaluates (`embedded-v2` for `tasks: embedded`), or None (other tasks).
+    Each version is generated in its own folder, results/tasks/<suite>: switching versions re-runs accuracy."""
+    from alloc_moe.data.tasks.embedded import suite_name, version_of
+
+    tasks = str(spec_of(run).get("tasks", "embedded"))
+    return suite_name(version_of(tasks)) if tasks in EMBEDDED_NAMES else None
+
+
 def _eval_task_input(wc):
-    return ["results/tasks/embedded"] if spec_of(wc.run).get("tasks", "embedded") == "embedded" else []
+    suite = embedded_suite(wc.run)
+    return [f"results/tasks/{suite}"] if suite else []
 
 
 def _eval_args(wc):
     """Everything of the `alloc-moe eval` command line but the plans: tasks, backend, limit, seed, perplexity."""
     spec = spec_of(wc.run)
-    tasks = spec.get("tasks", "embedded")
-    args = ["--tasks embedded --include-path results/tasks/embedded" if tasks == "embedded" else f"--tasks {tasks}",
+    tasks, suite = spec.get("tasks", "embedded"), embedded_suite(wc.run)
+    args = [f"--tasks {suite} --include-path results/tasks/{suite}" if suite else f"--tasks {tasks}",
             f"--backend {spec.get('backend', 'hf')}", f"--batch-size {ACC.get('batch_size', 128)}"]
     if ACC.get("limit"):
         args.append(f"--limit {ACC['limit']}")

@@ -28,17 +28,20 @@ rule heldout_text:
         "alloc-moe make-corpus --seed 7 --split heldout --docs-per-family {params.docs} --out {output} > {log} 2>&1"
 
 
+# One folder per suite version (embedded-v1, embedded-v2; `tasks: embedded` means the current one, common.smk).
 rule embedded_tasks:
     output:
-        directory("results/tasks/embedded"),
+        directory("results/tasks/{suite}"),
+    wildcard_constraints:
+        suite=r"embedded-v[0-9]+",
     params:
         code=code("alloc_moe.data.tasks.embedded"),
     log:
-        "results/logs/embedded_tasks.log",
+        "results/logs/embedded_tasks_{suite}.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe make-tasks --out {output} > {log} 2>&1"
+        "alloc-moe make-tasks --version {wildcards.suite} --out {output} > {log} 2>&1"
 
 
 # Hub text sources (WikiText2 / C4 / Pile at the revisions pinned in alloc_moe.data.text.SOURCES) as calibration or

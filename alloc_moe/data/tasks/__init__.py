@@ -1,6 +1,8 @@
 """Task suites for `alloc-moe eval`: a registry from suite name to the lm-eval tasks it runs and how they score.
 
-- `embedded`: the synthetic suite (`tasks/embedded.py`), generated locally and loaded by lm-eval offline;
+- `embedded`: the synthetic suite (`tasks/embedded.py`), generated locally and loaded by lm-eval offline; it is
+  versioned: `embedded` is the current version, `embedded-v1` / `embedded-v2` name one
+  (docs/results/task-suite-v2.md: what changed in v2 and why);
 - `paper`: the paper's 20 datasets in its three groups (`tasks/paper.py`), resolved in lm-eval's registry (hub data).
 
 A group score is the unweighted mean of its tasks' scores, with standard error sqrt(sum se_i^2) / n
@@ -26,13 +28,20 @@ GROUPS = ("NLU", "Reasoning", "Math")
 
 
 def suite(name: str) -> list[TaskSpec]:
+    """The tasks of suite `name` (one of SUITE_NAMES); one-line error naming the allowed names otherwise."""
     from . import embedded, paper
 
-    suites = {"embedded": embedded.SUITE, "paper": paper.SUITE}
-    return suites[name]
+    if name in EMBEDDED_NAMES:
+        return embedded.specs(embedded.version_of(name))
+    if name == "paper":
+        return paper.SUITE
+    from ...errors import AllocMoeError
+
+    raise AllocMoeError(f"unknown task suite {name!r}; allowed: {', '.join(SUITE_NAMES)}")
 
 
-SUITE_NAMES = ("embedded", "paper")
+EMBEDDED_NAMES = ("embedded", "embedded-v1", "embedded-v2")  # = embedded.NAMES (checked by the tests)
+SUITE_NAMES = (*EMBEDDED_NAMES, "paper")
 
 
 def group_scores(rows: list[dict]) -> list[dict]:
