@@ -6,6 +6,10 @@ import pandas as pd
 import pytest
 from helpers import ROOT, TINY, snakemake
 
+from alloc_moe.data.tasks import suite
+
+SUITE_GROUPS = {t.group for t in suite("embedded")}  # the current embedded suite's groups (v2: Reasoning, Math)
+
 
 @pytest.fixture
 def run(tiny_run):
@@ -29,7 +33,7 @@ def test_workflow_writes_accuracy_perplexity_tables_and_figures(run):
     }  # K_base 2 needs B >= 2 x 3 MoE layers: n/a at B = 4 and 5 (the table says so)
     assert "| 2 | n/a | n/a |" in (run / "results/summary/tables/table2_tiny.md").read_text()
     assert len(acc[acc.layer_method == "original"]) == len(ITEMS)
-    assert (acc.model == "tiny").all() and (acc.seed == 0).all() and set(acc.group) == {"NLU", "Reasoning", "Math"}
+    assert (acc.model == "tiny").all() and (acc.seed == 0).all() and set(acc.group) == SUITE_GROUPS
     ppl = pd.read_csv(run / "results/summary/perplexity.csv", dtype={"k_base": "string"}, keep_default_na=False)
     overall = ppl[ppl.family == "all"]
     plans = overall[overall.layer_method != "original"]
@@ -71,9 +75,9 @@ def test_workflow_writes_claims_table_consistent_with_accuracy(run):
     acc = pd.read_csv(run / "results/summary/accuracy.csv", dtype={"k_base": "string"}, keep_default_na=False)
     g = group_table(acc, k_base=1, calibration="balanced").set_index(["method", "budget", "group"]).value
     fig3 = claims[(claims.claim == "fig3-alloc-moe-vs-baselines") & (claims.comparison == "Alloc-MoE vs Uniform")]
-    assert sorted(set(fig3.budget)) == [4, 5] and set(fig3.group) == {"NLU", "Reasoning", "Math", "mean"}
+    assert sorted(set(fig3.budget)) == [4, 5] and set(fig3.group) == SUITE_GROUPS | {"mean"}
     for r in fig3.itertuples():  # per-item effects agree with the task scores; every row has a paired interval
-        groups = ["NLU", "Reasoning", "Math"] if r.group == "mean" else [r.group]
+        groups = sorted(SUITE_GROUPS) if r.group == "mean" else [r.group]
         expected = sum(g["Alloc-MoE", r.budget, x] - g["Uniform", r.budget, x] for x in groups) / len(groups)
         assert r.effect == pytest.approx(expected, abs=1e-4)
         assert r.ci_low <= r.effect + 1e-9 and r.effect - 1e-9 <= r.ci_high and r.se_paired <= r.se_unpaired + 1e-9
