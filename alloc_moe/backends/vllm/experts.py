@@ -40,8 +40,8 @@ def kept_pairs_moe(
     skip_weighted: bool,
 ) -> None:
     """The kept pairs of [T, K] routing as P rows of one expert each through `cpu_fused_moe`, added back per token.
-    Flat indices and `index_select` only (no 2-D advanced indexing): the gather/scatter around the kernel is three
-    row copies of [P, H] and a few [P] ops."""
+    Flat indices and `index_select` only (no 2-D advanced indexing), into reused row buffers (`_rows`): the
+    gather/scatter around the kernel is two row copies of [P, H], a zero fill of [T, H] and a few [P] ops."""
     K = topk_ids.shape[1]
     flat = (topk_ids.reshape(-1) >= 0).nonzero().squeeze(1)  # [P] kept slots t*K + k, token-major
     P = flat.numel()
@@ -49,14 +49,28 @@ def kept_pairs_moe(
         output.zero_()
         return
     tok = torch.div(flat, K, rounding_mode="floor")  # [P]
-    rows = torch.empty((P, hidden_states.shape[1]), dtype=output.dtype, device=output.device)  # [P, H]
+    xs = torch.index_select(hidden_states, 0, tok, out=_rows("x", P, hidden_states))  # [P, H]
+    rows = _rows("out", P, output)  # [P, H]
     _cpu_moe().cpu_fused_moe(
-        rows, hidden_states.index_select(0, tok), w1, w2, w1_bias, w2_bias,
+        rows, xs, w1, w2, w1_bias, w2_bias,
         topk_weights.reshape(-1).index_select(0, flat).view(P, 1).to(torch.float32),
         topk_ids.reshape(-1).index_select(0, flat).view(P, 1).to(torch.int32),
         act, isa, skip_weighted,
     )
     output.zero_().index_add_(0, tok, rows)
+
+
+_ROWS: dict = {}
+
+
+def _rows(role: str, P: int, like: torch.Tensor) -> torch.Tensor:
+    """A [P, H] view of a buffer kept per (role, H, dtype) that only grows: a fresh multi-MB tensor per call costs
+    page faults on every layer of every step."""
+    key = (role, like.shape[1], like.dtype, like.device)
+    buf = _ROWS.get(key)
+    if buf is None or buf.shape[0] < P:
+        buf = _ROWS[key] = torch.empty((P, like.shape[1]), dtype=like.dtype, device=like.device)
+    return buf[:P]
 
 
 @torch.library.custom_op("alloc_moe::cpu_kept_pairs_moe", mutates_args=("output",))
