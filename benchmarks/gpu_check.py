@@ -19,7 +19,10 @@ deadline stops gracefully, and a watchdog writes what there is and exits if a se
   `torch.compile(fullgraph=True, dynamic=False)` (inductor on CUDA): equal to eager for T in 8, 64, 256, 1024 on fresh
   inputs, also replayed from a captured CUDA graph and under `mode="reduce-overhead"` (cudagraph trees, T = 64), no
   host sync (`torch.cuda.set_sync_debug_mode("error")` around the compiled call and the graph replay), and the cost
-  per call against `torch.topk(probs, K)` (CUDA-graph replays, median).
+  per call against `torch.topk(probs, K)` (CUDA-graph replays, median); and the whole per-layer Alloc-T routing
+  hook `core.routing.drop_pairs` (softmax, candidate scores, selection, renormalisation, sentinels; half budget,
+  padding masked), eager and compiled (equal, no host sync on CUDA), against a top-k router, with its cost per
+  decode step of 26 MoE layers (issue 19 item 5).
 - `triton-moe-kernel` (`section_triton_moe_kernel`): vLLM's `fused_moe_kernel` with dropped pairs vs a
   dense reference (aligned and small-batch paths, fp32/fp16/bf16, full DeepSeek width), eagerly and replayed from a
   captured CUDA graph. Adding a section = one function + one `SECTIONS` entry.
@@ -417,16 +420,35 @@ def _g_slots(s, m):
     return alloc_t_slots(s, k_layer=KL_SLOTS, k_base=KB_GRAPH, token_mask=m)
 
 
+def _g_route(logits):
+    """What a top-k router does per layer (softmax, top-K, weights renormalised): the baseline of `drop_pairs`."""
+    w, i = logits.softmax(dim=-1).topk(K_GRAPH // 2, dim=-1)
+    return w / w.sum(dim=-1, keepdim=True), i
+
+
+def _g_drop(logits, weights, ids, m):
+    """The whole Alloc-T routing hook of one layer (`core.routing.drop_pairs`: softmax, candidate scores, the
+    selection, renormalisation, sentinels) at half budget, padding masked: what a decode step adds per MoE layer."""
+    from alloc_moe.core.routing import LayerRule, drop_pairs
+
+    rule = LayerRule("alloc-t", (("k_layer", K_GRAPH / 2), ("k_base", KB_GRAPH)))
+    return drop_pairs(logits, weights, ids, rule, sentinel=-1, renormalize=True, token_mask=m)
+
+
 def _graph_inputs(T: int, gen: torch.Generator, dev) -> dict:
     logits = torch.randn(T, E_GRAPH, generator=gen) * 2.0
     probs = logits.softmax(dim=-1)  # [T, E]
-    scores = probs.topk(K_GRAPH, dim=-1, sorted=False).values  # [T, K] in router slot order
+    top = probs.topk(K_GRAPH, dim=-1, sorted=False)  # [T, K] in router slot order
     mask = torch.rand(T, generator=gen) > 0.15  # [T] ~15% padding
     mask[0] = True
-    return {"p": probs.to(dev), "s": scores.to(dev), "m": mask.to(dev)}
+    weights = top.values / top.values.sum(dim=-1, keepdim=True)
+    return {"p": probs.to(dev), "s": top.values.to(dev), "m": mask.to(dev), "l": logits.to(dev),
+            "w": weights.to(dev), "i": top.indices.to(torch.int32).to(dev)}
 
 
 def _call(name, fn, x):
+    if name == "drop":
+        return fn(x["l"], x["w"], x["i"], x["m"])
     return fn(x["p"]) if name in ("topk", "full") else fn(x["s"], x["m"])
 
 
@@ -521,6 +543,8 @@ def section_alloc_t_graphs(ctx: Ctx) -> dict:
     # one torch.compile object per function: each new T recompiles (dynamic=False), the timing reuses that code
     compiled = {name: torch.compile(eager[name], fullgraph=True, dynamic=False, backend=backend)
                 for name in ("full", "slots")}
+    compiled["drop"] = torch.compile(_g_drop, fullgraph=True, dynamic=False, backend=backend)
+    route = torch.compile(_g_route, fullgraph=True, dynamic=False, backend=backend)
     timing = {}
     for T in Ts:
         ctx.need(40 if ctx.cuda else 5, f"compiling and timing T={T}")
@@ -570,7 +594,10 @@ def section_alloc_t_graphs(ctx: Ctx) -> dict:
         fns = {"topk": part(_g_topk, x["p"]), "alloc_t_eager": part(_g_full, x["p"]),
                "alloc_t_compiled": part(compiled["full"], x["p"]),
                "alloc_t_slots_eager": part(_g_slots, x["s"], x["m"]),
-               "alloc_t_slots_compiled": part(compiled["slots"], x["s"], x["m"])}
+               "alloc_t_slots_compiled": part(compiled["slots"], x["s"], x["m"]),
+               "route_topk_compiled": part(route, x["l"]),
+               "drop_pairs_eager": part(_g_drop, x["l"], x["w"], x["i"], x["m"]),
+               "drop_pairs_compiled": part(compiled["drop"], x["l"], x["w"], x["i"], x["m"])}
         for name, fn in fns.items():
             if ctx.cuda:
                 g, _ = _capture(fn, n_inner)
@@ -581,6 +608,14 @@ def section_alloc_t_graphs(ctx: Ctx) -> dict:
                 row[f"{name}_us"] = round(_eager_us(fn, ctx, n_eager), 2)
         for name in ("alloc_t_eager", "alloc_t_compiled", "alloc_t_slots_eager", "alloc_t_slots_compiled"):
             row[f"{name}_over_topk"] = round(row[f"{name}_us"] / row["topk_us"], 2)
+        # per decode step of the real model: every MoE layer runs the hook once (DeepSeek-V2-Lite: 26 layers)
+        row["drop_pairs_compiled_over_route"] = round(row["drop_pairs_compiled_us"] / row["route_topk_compiled_us"], 2)
+        row["drop_pairs_per_step_26_layers_us"] = round(26 * row["drop_pairs_compiled_us"], 1)
+        got, want = _call("drop", compiled["drop"], x), _call("drop", _g_drop, x)
+        ctx.check(f"compiled_equals_eager_drop_pairs_T{T}", all(torch.equal(a, b) for a, b in zip(got, want)))
+        if ctx.cuda:
+            ok, why, _ = _no_sync(_call, "drop", compiled["drop"], x)
+            ctx.check(f"no_host_sync_compiled_drop_pairs_T{T}", ok, error=why)
         timing[T] = row
         ctx.number("per_T", timing)
 
@@ -767,6 +802,14 @@ def render_markdown(doc: dict) -> str:
         for T, r in per_t.items():
             lines.append(f"| {T} | {r['topk_us']} | {r['alloc_t_eager_us']} | {r['alloc_t_compiled_us']} | "
                          f"{r['alloc_t_slots_eager_us']} | {r['alloc_t_slots_compiled_us']} | {r['alloc_t_compiled_over_topk']} |")
+        lines += ["", "The whole Alloc-T routing hook per MoE layer (`drop_pairs`, half budget, padding masked) against a "
+                  "top-k router (softmax, top-K/2, renormalise), µs per call, and per decode step of 26 MoE layers:", "",
+                  "| T | top-k router compiled | drop_pairs eager | drop_pairs compiled | compiled / router | "
+                  "per step, 26 layers |", "|---:|---:|---:|---:|---:|---:|"]
+        for T, r in per_t.items():
+            lines.append(f"| {T} | {r['route_topk_compiled_us']} | {r['drop_pairs_eager_us']} | "
+                         f"{r['drop_pairs_compiled_us']} | {r['drop_pairs_compiled_over_route']} | "
+                         f"{r['drop_pairs_per_step_26_layers_us']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,8 @@ is drawn hollow and should not be read as a result.
 Ideal speedup: `f` = share of the original model's phase time spent inside the routed experts (`mlp.experts`,
 timed by hooks in one extra instrumented run); shrinking only the expert GEMMs to the plan's budget (ratio
 r = sum(K_l) / (L * K_orig)) could give at most 1 / ((1 - f) + f * r) (Amdahl). Shared experts, attention,
-routers and the LM head are the (1 - f) part.
+routers and the LM head are the (1 - f) part. `of_ideal` = speedup / ideal. The vllm backend times the routed-experts
+kernels of the original engine in one extra run (eager engines; `backends.vllm.latency.expert_share`).
 
 Backends are registered by name in `alloc_moe.backends.base.BACKENDS` and reached through `get_backend(name)`
 (`hf`: `alloc_moe.backends.hf.latency`, `vllm`: `alloc_moe.backends.vllm.latency`). The contract a backend implements:
@@ -167,6 +168,7 @@ def summarize(result: BackendResult, plans: list[tuple[str, Plan | None]]) -> tu
                  "resolved": resolved(speedup, lo, hi)}
             if result.expert_share is not None:
                 d["ideal_speedup"] = ideal_speedup(result.expert_share[phase], ratio)
+                d["of_ideal"] = speedup / d["ideal_speedup"]  # measured / ideal: one number per plan and phase
             entry["phases"][phase] = d
         out.append(entry)
     return rows, {"plans": out, "expert_share": result.expert_share}
@@ -251,7 +253,7 @@ def _cmd_latency(args) -> int:
         print(f"  {e['plan']:<28} B={e['budget']:g}  " + "  ".join(
             f"{ph} {d['median_ms']:.1f} ms x{d['speedup']:.3f} [{d['speedup_lo']:.3f}, {d['speedup_hi']:.3f}]"
             + ("" if d["resolved"] else " unresolved")
-            + (f" (ideal x{d['ideal_speedup']:.3f})" if "ideal_speedup" in d else "")
+            + (f" (ideal x{d['ideal_speedup']:.3f}, {d['of_ideal']:.2f} of it)" if "ideal_speedup" in d else "")
             for ph, d in e["phases"].items()))
     print(f"wrote {args.out}")
     return 0
@@ -270,7 +272,7 @@ def speedup_frame(summary: dict, model: str | None = None):
             rows.append({"model": model or summary.get("model"), "plan": e["plan"], "method": method,
                          "layer_method": e["layer_method"], "token_allocation": e["token_allocation"],
                          "budget": e["budget"], "phase": phase, "median_ms": d["median_ms"], "speedup": d["speedup"],
-                         "ideal_speedup": d.get("ideal_speedup"), "speedup_lo": d.get("speedup_lo"),
+                         "ideal_speedup": d.get("ideal_speedup"), "of_ideal": d.get("of_ideal"), "speedup_lo": d.get("speedup_lo"),
                          "speedup_hi": d.get("speedup_hi"), "speedup_level": d.get("speedup_level"),
                          "resolved": d.get("resolved")})
     return pd.DataFrame(rows)

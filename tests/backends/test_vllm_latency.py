@@ -76,3 +76,16 @@ def test_measure_refuses_bad_input_before_starting(tmp_path):
                 dtype="float32", seed=0)
     with pytest.raises(AllocMoeError, match="decode >= 2"):
         measure(model_dir, [("x", None)], batch=1, prompt=4, decode=1, warmup=0, runs=1, dtype="float32", seed=0)
+
+
+def test_measure_with_share_times_the_original_experts(tmp_path):
+    """The original engine's extra instrumented run gives each phase's share inside the routed-experts kernels
+    (the ideal speedup's input, as on the hf backend); the timed rows are those of `measure`."""
+    from alloc_moe.backends.vllm.latency import measure_with_share
+
+    model_dir = write_zoo(tmp_path / "model", "olmoe")
+    rows, share = measure_with_share(model_dir, [("original", None)], batch=2, prompt=8, decode=4, warmup=0, runs=1,
+                                     dtype="float32", seed=0, mode="auto", gpu_memory_utilization=0.5,
+                                     moe_backend="auto")
+    assert [(r["plan"], r["phase"]) for r in rows] == [("original", "prefill"), ("original", "decode")]
+    assert set(share) == {"prefill", "decode"} and all(0 < f <= 1 for f in share.values()), share

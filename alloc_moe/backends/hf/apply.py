@@ -9,7 +9,9 @@ index [T,K])` and then `experts(hidden, index, weights)`. Two patch points, neit
   with the sentinel id `num_experts` and weight 0 (`routing.drop_pairs`, shared with the vLLM backend). The `eager`
   experts skip the sentinel expert; `grouped_mm` sorts
   sentinels to the tail and computes only rows below the last offset (`_is_expert_parallel = True` makes it zero
-  those tail rows instead of leaving them uninitialised). `batched_mm` computes every slot whatever we do.
+  those tail rows instead of leaving them uninitialised). On CPU the grouped_mm experts are replaced by
+  `experts.kept_pairs_forward`, which gathers, activates and weights only the kept rows (bit-identical output).
+  `batched_mm` computes every slot whatever we do.
   Slots are never reordered, so keeping every pair reproduces the unpatched model bit for bit.
 """
 
@@ -21,6 +23,7 @@ from ...core import routing
 from ...core.plan import Plan, as_plan
 from ...core.routing import LayerRule
 from ...errors import AllocMoeError
+from . import experts as kept_pairs_experts
 from .model import ARCHITECTURES, MoeLayer, check_plan_fits, moe_layers  # noqa: F401 - re-exported
 from .stats import RoutingStats
 
@@ -140,6 +143,18 @@ def _patch(handle: AppliedPlan, plan: Plan, layers: list[MoeLayer], impl) -> Non
     for m, rule in zip(layers, rules):  # at K_orig (keeps_everything) the hook runs and keeps all: bit-exact
         handle._handles.append(m.gate.register_forward_hook(_router_hook(m, rule, handle._token_mask)))
         handle._set(m.experts, "_is_expert_parallel", True)
+        handle._handles.append(_InstanceForward(m.experts, kept_pairs_experts.make_forward(m.experts)))
+
+
+class _InstanceForward:
+    """`module.forward` replaced on the instance; `.remove()` deletes it (the class's forward shows again)."""
+
+    def __init__(self, module, forward):
+        self.module = module
+        module.forward = forward
+
+    def remove(self):
+        self.module.__dict__.pop("forward", None)
 
 
 def _attach_stats(handle: AppliedPlan, layers: list[MoeLayer]) -> None:

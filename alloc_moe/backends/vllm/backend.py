@@ -38,11 +38,11 @@ class VLLMBackend(Backend):
         from . import latency as vl
 
         dtype = self.resolve_dtype(protocol.dtype, model_path)
-        rows = vl.measure(model_path, plans, batch=protocol.batch, prompt=protocol.prompt, decode=protocol.decode,
+        rows, share = vl.measure_with_share(model_path, plans, batch=protocol.batch, prompt=protocol.prompt, decode=protocol.decode,
                           warmup=protocol.warmup, runs=protocol.runs, dtype=dtype, seed=protocol.seed,
                           **dict(engine_args))
         record = vl.record(model_path, batch=protocol.batch, dtype=dtype, seed=protocol.seed, **dict(engine_args))
-        return BackendResult(rows=rows, expert_share=None, device="vllm", dtype=dtype, engine=record)
+        return BackendResult(rows=rows, expert_share=share, device="vllm", dtype=dtype, engine=record)
 
     def resolve_dtype(self, dtype, model):
         from .engine import resolve_dtype

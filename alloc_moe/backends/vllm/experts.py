@@ -26,33 +26,69 @@ def _cpu_moe():
     return cpu_moe
 
 
-@torch.library.custom_op("alloc_moe::cpu_kept_pairs_moe", mutates_args=("output",))
-def cpu_kept_pairs_moe(
+def kept_pairs_moe(
     output: torch.Tensor,  # [T, H] written
     hidden_states: torch.Tensor,  # [T, H]
     w1: torch.Tensor,
     w2: torch.Tensor,
     w1_bias: torch.Tensor | None,
     w2_bias: torch.Tensor | None,
-    topk_weights: torch.Tensor,  # [T, K] float32, 0 where dropped
-    topk_ids: torch.Tensor,  # [T, K] int32, -1 where dropped
+    topk_weights: torch.Tensor,  # [T, K] 0 where dropped
+    topk_ids: torch.Tensor,  # [T, K] -1 where dropped
     act: str,
     isa: str,
     skip_weighted: bool,
 ) -> None:
-    tok, slot = (topk_ids >= 0).nonzero(as_tuple=True)  # [P], [P] kept pairs, token-major
-    P = tok.numel()
-    output.zero_()
+    """The kept pairs of [T, K] routing as P rows of one expert each through `cpu_fused_moe`, added back per token.
+    Flat indices and `index_select` only (no 2-D advanced indexing), into reused row buffers (`_rows`): the
+    gather/scatter around the kernel is two row copies of [P, H], a zero fill of [T, H] and a few [P] ops."""
+    K = topk_ids.shape[1]
+    flat = (topk_ids.reshape(-1) >= 0).nonzero().squeeze(1)  # [P] kept slots t*K + k, token-major
+    P = flat.numel()
     if P == 0:
+        output.zero_()
         return
-    rows = torch.empty((P, hidden_states.shape[1]), dtype=output.dtype, device=output.device)  # [P, H]
+    tok = torch.div(flat, K, rounding_mode="floor")  # [P]
+    xs = torch.index_select(hidden_states, 0, tok, out=_rows("x", P, hidden_states))  # [P, H]
+    rows = _rows("out", P, output)  # [P, H]
     _cpu_moe().cpu_fused_moe(
-        rows, hidden_states.index_select(0, tok).contiguous(), w1, w2, w1_bias, w2_bias,
-        topk_weights[tok, slot].reshape(P, 1).to(torch.float32).contiguous(),
-        topk_ids[tok, slot].reshape(P, 1).to(torch.int32).contiguous(),
+        rows, xs, w1, w2, w1_bias, w2_bias,
+        topk_weights.reshape(-1).index_select(0, flat).view(P, 1).to(torch.float32),
+        topk_ids.reshape(-1).index_select(0, flat).view(P, 1).to(torch.int32),
         act, isa, skip_weighted,
     )
-    output.index_add_(0, tok, rows)
+    output.zero_().index_add_(0, tok, rows)
+
+
+_ROWS: dict = {}
+
+
+def _rows(role: str, P: int, like: torch.Tensor) -> torch.Tensor:
+    """A [P, H] view of a buffer kept per (role, H, dtype) that only grows: a fresh multi-MB tensor per call costs
+    page faults on every layer of every step."""
+    key = (role, like.shape[1], like.dtype, like.device)
+    buf = _ROWS.get(key)
+    if buf is None or buf.shape[0] < P:
+        buf = _ROWS[key] = torch.empty((P, like.shape[1]), dtype=like.dtype, device=like.device)
+    return buf[:P]
+
+
+@torch.library.custom_op("alloc_moe::cpu_kept_pairs_moe", mutates_args=("output",))
+def cpu_kept_pairs_moe(
+    output: torch.Tensor,
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w1_bias: torch.Tensor | None,
+    w2_bias: torch.Tensor | None,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act: str,
+    isa: str,
+    skip_weighted: bool,
+) -> None:
+    """`kept_pairs_moe` as one opaque op for torch.compile (its data-dependent shapes stay inside)."""
+    kept_pairs_moe(output, hidden_states, w1, w2, w1_bias, w2_bias, topk_weights, topk_ids, act, isa, skip_weighted)
 
 
 @cpu_kept_pairs_moe.register_fake
@@ -67,9 +103,10 @@ def _patch_cpu(fe) -> None:
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
               expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
               apply_router_weight_on_input):
-        torch.ops.alloc_moe.cpu_kept_pairs_moe(
-            output, hidden_states, w1, w2, self.w1_bias, self.w2_bias, topk_weights, topk_ids,
-            activation.value, self.isa, apply_router_weight_on_input)
+        # eager engines call the function itself (no custom-op dispatch per layer); traced code gets the opaque op
+        fn = torch.ops.alloc_moe.cpu_kept_pairs_moe if torch.compiler.is_compiling() else kept_pairs_moe
+        fn(output, hidden_states, w1, w2, self.w1_bias, self.w2_bias, topk_weights, topk_ids, activation.value,
+           self.isa, apply_router_weight_on_input)
 
     fe.apply = types.MethodType(apply, fe)
 
