@@ -268,7 +268,7 @@ def test_accuracy_reaches_a_registered_backend(fake, tmp_path):
 
     model, plan_path, calls = fake
     embedded.write_suite(tmp_path / "tasks", items={t: 4 for t in embedded.ITEMS})
-    tasks = resolve_tasks(str(tmp_path / "tasks" / "emb_yesno.yaml"))
+    tasks = resolve_tasks(str(tmp_path / "tasks" / "emb_digit.yaml"))
     res = evaluate(str(model), [None, Plan.load(plan_path)], tasks, backend="fake", batch_size=4)
     assert [c[:3] for c in calls] == [("make_lm", False, "float32"), ("make_lm", True, "float32")]
     for r in res:
