@@ -1,5 +1,5 @@
 """`alloc-moe` command line: the parser and error handling. Each subcommand lives next to its implementation in a
-module that exposes `register_cli(subparsers)` (listed in `COMMAND_MODULES`)."""
+module that exposes `register_cli(subparsers)` (listed in `COMMANDS`)."""
 
 import argparse
 import sys
@@ -14,35 +14,43 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `command` (a key of `COMMANDS`) only that subcommand's module imported and registered:
+    a workflow job runs one subcommand, and the other modules' imports (torch for most) would cost it about a second."""
     from . import __version__
 
     parser = OneLineParser(prog="alloc-moe", description="Budget-aware expert activation allocation for MoE inference.")
     parser.add_argument("--version", action="version", version=f"alloc-moe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-    for register in _command_modules():
+    for register in _command_modules([COMMANDS[command]] if command in COMMANDS else None):
         register(sub)
     return parser
 
 
-# The modules that define subcommands (`register_cli(subparsers)`), imported when the parser is built. Adding a
-# subcommand is one entry here. A module that fails to import is an error, never a silently missing command.
-COMMAND_MODULES = ("stages.plan", "data.zoo", "data.twin", "data.synthetic", "data.train", "data.tasks.embedded", "stages.profile",
-                   "stages.ppl", "stages.routing_scores", "stages.accuracy", "stages.latency", "stages.load_balance",
-                   "harness.regress", "data.download", "data.stage")
+# Every subcommand and the module that defines it (`register_cli(subparsers)`, next to its implementation). Adding a
+# subcommand is one entry here (tests/core/test_plan_cli.py checks the table against what the modules register). A
+# module that fails to import is an error, never a silently missing command.
+COMMANDS = {
+    "plan": "stages.plan", "show": "stages.plan", "make-model": "data.zoo", "make-twin": "data.twin",
+    "make-corpus": "data.synthetic", "train": "data.train", "make-tasks": "data.tasks.embedded",
+    "profile": "stages.profile", "ppl": "stages.ppl", "routing": "stages.routing_scores", "eval": "stages.accuracy",
+    "latency": "stages.latency", "load-balance": "stages.load_balance", "regress": "harness.regress",
+    "download": "data.download", "stage": "data.stage",
+}
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))  # each module once, in the order of `COMMANDS`
 
 
-def _command_modules():
-    """Subcommands that live next to their implementation (imported here, lazily: they pull in transformers)."""
+def _command_modules(names=None):
+    """`register_cli` of the named command modules (all by default), imported here, lazily: most pull in torch."""
     import importlib
 
-    for name in COMMAND_MODULES:
+    for name in names or COMMAND_MODULES:
         yield importlib.import_module(f"alloc_moe.{name}").register_cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)  # a known command first: only its module is imported
     args = parser.parse_args(argv)
     args.argv = argv
     try:

@@ -41,10 +41,10 @@ def _cmd_plan(args) -> int:
         raise AllocMoeError("give --sensitivity S.csv, or --moe-layers and --k-orig for the data-free methods")
     routing = None
     if args.routing_scores:
-        from ..backends.hf.stats import load_routing_scores
+        from ..backends.hf.stats import load_routing_scores, routing_scores_sha256
 
         routing = load_routing_scores(args.routing_scores)
-        provenance["routing_scores_sha256"] = sha256_file(args.routing_scores)
+        provenance["routing_scores_content_sha256"] = routing_scores_sha256(routing)  # the file's bytes vary per save
     plan = build_plan(
         method=args.method, budget=args.budget, moe_layers=layers, k_orig=k_orig, sensitivity=S,
         token_allocation=args.token_allocation, k_base=args.k_base, normalization=args.normalization,

@@ -369,7 +369,16 @@ def test_cli_plan_threshold_modes(method, tmp_path, csv_file, capsys):
     assert code == 0, err
     plan = Plan.load(out)
     assert plan.thresholds is not None and len(plan.thresholds) == 4
-    assert plan.provenance["routing_scores_sha256"]
+    # the same scores saved again (another file: torch.save's serialization id differs) give a byte-identical plan
+    rs2 = tmp_path / "again.pt"
+    torch.save({"format": "alloc-moe-routing-scores", "version": 1, "scores": SCORES}, rs2)
+    assert rs2.read_bytes() != rs.read_bytes()
+    out2 = tmp_path / "p2.json"
+    assert run_cli(["plan", "--sensitivity", csv_file, "--budget", 10, "--method", "alloc-l", "--token-allocation",
+                    method, "--routing-scores", rs2, "--out", out2], capsys)[0] == 0
+    text = out.read_text()
+    assert out2.read_text() == text.replace(str(rs), str(rs2)).replace(str(out), str(out2))
+    assert len(plan.provenance["routing_scores_content_sha256"]) == 64
 
 
 def test_cli_show_prints_every_layer(tmp_path, capsys):
@@ -521,6 +530,47 @@ def test_cli_help(capsys):
         assert "usage:" in out and err == ""
     code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and out.startswith("alloc-moe ")
+
+
+def test_commands_table_is_what_the_modules_register():
+    """`cli.COMMANDS` (command -> module) is exactly what each module's `register_cli` adds, and the full parser has
+    every command: a job that names its command imports only that module, so the table must not drift."""
+    import argparse
+    import importlib
+
+    from alloc_moe.cli import COMMAND_MODULES, COMMANDS
+
+    registered = {}
+    for name in COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"alloc_moe.{name}").register_cli(sub)
+        registered.update({c: name for c in sub.choices})
+    assert registered == COMMANDS
+    full = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(full.choices) == set(COMMANDS)
+    for command, module in COMMANDS.items():
+        one = next(a for a in build_parser(command)._actions if a.__class__.__name__ == "_SubParsersAction")
+        assert set(one.choices) == {c for c, m in COMMANDS.items() if m == module}
+
+
+def test_a_command_imports_only_its_own_module():
+    """`alloc-moe make-corpus --help` in a fresh interpreter loads neither torch nor another command's module
+    (workflow jobs start one CLI process each; before, every job imported all 15 command modules, torch with them);
+    `alloc-moe --help` still lists every command; an unknown command is one line."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from alloc_moe.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'torch' in sys.modules, 'alloc_moe.stages.accuracy' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code, "make-corpus", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "usage: alloc-moe make-corpus" in res.stdout and res.stdout.strip().endswith("LOADED False False")
+    res = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=True)
+    assert "load-balance" in res.stdout and "make-tasks" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "alloc_moe", "no-such-command"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid choice: 'no-such-command'" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_console_script_subprocess(tmp_path):

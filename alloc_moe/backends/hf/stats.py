@@ -101,6 +101,19 @@ class RoutingStats:
             torch.save({"format": "alloc-moe-routing-scores", "version": 1, "scores": self.routing_scores()}, tmp)
 
 
+def routing_scores_sha256(scores: dict[int, torch.Tensor]) -> str:
+    """sha256 of the scores themselves (layer, dtype, shape and bytes, in layer order): what a plan records. The file's
+    own bytes are not reproducible (torch.save writes a random serialization id and the temporary file's name)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for layer in sorted(scores):
+        s = scores[layer].detach().to("cpu").contiguous()
+        h.update(f"{layer}:{s.dtype}:{tuple(s.shape)};".encode())
+        h.update(s.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_routing_scores(path) -> dict[int, torch.Tensor]:
     """{decoder layer: scores [N, K_orig]} written by `RoutingStats.save_routing_scores`."""
     path = Path(path)
