@@ -162,7 +162,33 @@ def test_layer_and_latency_claims(evals):
     assert e.effect == pytest.approx(0.85) and 0.8 <= e.ci_low <= e.ci_high <= 0.9 and e.verdict == "holds"
     r = _row(df, "fig5-speedup-as-lexi", group="prefill")
     assert r.effect == pytest.approx(1.05 / 1.4 - 1) and r.verdict == "does not hold (point)"
-    assert _row(df, "fig5-speedup-near-ideal", group="decode").effect == pytest.approx(1.05 / 1.5 - 1)
+    r = _row(df, "fig5-speedup-near-ideal", group="decode")  # no per-run interval in this latency table: point
+    assert r.effect == pytest.approx(1.05 / 1.5 - 1) and r.verdict == "does not hold (point)" and math.isnan(r.ci_low)
+
+
+def test_speedup_near_ideal_takes_the_runs_interval():
+    """Against the ideal, a latency claim's interval is the speedup's own run interval over the ideal (one seed), the
+    mean of the seeds' bounds over several; the verdict follows the interval, hand-computed here."""
+    def lat(rows):
+        return pd.DataFrame([{"model": "m", "plan": "alloc-l__alloc-t__kb1__cal__B4", "layer_method": "alloc-l",
+                              "token_allocation": "alloc-t", "budget": 4.0, "phase": "decode", "speedup": s,
+                              "speedup_lo": lo, "speedup_hi": hi, "speedup_level": 0.96875, "ideal_speedup": 2.0,
+                              "seed": seed} for seed, (s, lo, hi) in enumerate(rows)])
+
+    df = claims_table([], k_base=1, calibration="cal", latency=lat([(1.7, 1.62, 1.72)]))
+    r = _row(df, "fig5-speedup-near-ideal", group="decode")  # region >= -0.2: 0.81-1 .. 0.86-1 all inside
+    assert (r.effect, r.ci_low, r.ci_high) == pytest.approx((-0.15, -0.19, -0.14)) and r.verdict == "holds"
+    assert r.test == "interleaved runs: median interval (96.9%)"
+    r = _row(claims_table([], k_base=1, calibration="cal", latency=lat([(1.7, 1.5, 1.72)])), "fig5-speedup-near-ideal")
+    assert r.ci_low == pytest.approx(-0.25) and r.verdict == "unresolved"  # straddles -0.2
+    r = _row(claims_table([], k_base=1, calibration="cal", latency=lat([(1.5, 1.4, 1.55)])), "fig5-speedup-near-ideal")
+    assert r.ci_high == pytest.approx(-0.225) and r.verdict == "does not hold"
+    r = _row(claims_table([], k_base=1, calibration="cal", latency=lat([(1.7, 1.62, 1.72), (1.5, 1.4, 1.56)])),
+             "fig5-speedup-near-ideal")
+    assert (r.effect, r.ci_low, r.ci_high) == pytest.approx((-0.2, -0.245, -0.18)) and r.seeds == 2
+    assert r.verdict == "unresolved" and r.test.endswith("the mean of 2 seeds' bounds")
+    r = _row(claims_table([], k_base=1, calibration="cal", latency=lat([(1.7, 1.62, 1.72)])), "fig5-speedup-as-lexi")
+    assert r.verdict == "unresolved (no data)"  # no LExI timed
 
 
 def test_claims_csv_is_byte_stable_and_fidelity_sections(evals, tmp_path):
