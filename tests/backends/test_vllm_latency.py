@@ -12,14 +12,20 @@ from alloc_moe.backends.vllm.latency import measure, record  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def test_measure_rows(tmp_path):
-    """Two engines one after the other in one process (the original, then a plan): each is torn down completely
-    before the next starts (no engine process left behind); the record says eager, as resolved on the CPU build."""
+def test_measure_rows_and_the_experts_share(tmp_path):
+    """`measure_with_share` (what the latency stage calls): two engines one after the other in one process (the
+    original, with its extra instrumented run for the share of each phase inside the routed-experts kernels, then a
+    plan); each is torn down completely before the next starts (no engine process left behind); the timed rows are
+    `measure`'s; the record says eager, as resolved on the CPU build. (One test since issue 15: before, `measure` and
+    `measure_with_share` each started their own engines in two tests.)"""
+    from alloc_moe.backends.vllm.latency import measure_with_share
+
     model_dir = write_zoo(tmp_path / "model", "olmoe")
     plan = plan_for(model_dir, "alloc-t", [2.5, 1.5, 3.25])
     before = _children()
-    rows = measure(model_dir, [("original", None), ("alloc-t", plan)], batch=2, prompt=8, decode=16, warmup=1, runs=2,
-                   dtype="float32", seed=0, mode="auto", gpu_memory_utilization=0.5, moe_backend="auto")
+    rows, share = measure_with_share(model_dir, [("original", None), ("alloc-t", plan)], batch=2, prompt=8, decode=4,
+                                     warmup=1, runs=2, dtype="float32", seed=0, mode="auto",
+                                     gpu_memory_utilization=0.5, moe_backend="auto")
     left = _children() - before
     assert not left, left
     assert [(r["plan"], r["phase"], r["run"]) for r in rows] == [
@@ -27,6 +33,7 @@ def test_measure_rows(tmp_path):
     # decode is a difference of two timings: positive on a quiet machine, but no timing thresholds in tests
     assert all(r["ms"] > 0 for r in rows if r["phase"] == "prefill")
     assert all(isinstance(r["ms"], float) for r in rows)
+    assert set(share) == {"prefill", "decode"} and all(0 < f <= 1 for f in share.values()), share
     rec = record()
     assert rec["vllm_version"] and rec["scheduler"]["enable_chunked_prefill"] is False
     rec = record(model_dir, batch=2, mode="auto", gpu_memory_utilization=0.5, moe_backend="auto")
@@ -76,16 +83,3 @@ def test_measure_refuses_bad_input_before_starting(tmp_path):
                 dtype="float32", seed=0)
     with pytest.raises(AllocMoeError, match="decode >= 2"):
         measure(model_dir, [("x", None)], batch=1, prompt=4, decode=1, warmup=0, runs=1, dtype="float32", seed=0)
-
-
-def test_measure_with_share_times_the_original_experts(tmp_path):
-    """The original engine's extra instrumented run gives each phase's share inside the routed-experts kernels
-    (the ideal speedup's input, as on the hf backend); the timed rows are those of `measure`."""
-    from alloc_moe.backends.vllm.latency import measure_with_share
-
-    model_dir = write_zoo(tmp_path / "model", "olmoe")
-    rows, share = measure_with_share(model_dir, [("original", None)], batch=2, prompt=8, decode=4, warmup=0, runs=1,
-                                     dtype="float32", seed=0, mode="auto", gpu_memory_utilization=0.5,
-                                     moe_backend="auto")
-    assert [(r["plan"], r["phase"]) for r in rows] == [("original", "prefill"), ("original", "decode")]
-    assert set(share) == {"prefill", "decode"} and all(0 < f <= 1 for f in share.values()), share
