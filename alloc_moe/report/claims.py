@@ -13,8 +13,9 @@ Effects and intervals (`alloc_moe.report.stats`):
 - load-balance claims ("layers"): a metric of load_balance.csv over the MoE layers of one plan: its mean, with a
   percentile bootstrap interval over the layers, or its extreme layer (min / max, no interval).
 - latency claims ("latency"): a ratio of latency.csv's median speedups. Against the ideal, the interval is the
-  speedup's own (`speedup_lo`, `speedup_hi`: the order-statistic interval of the interleaved runs' paired ratios for
-  their median, coverage `speedup_level`, 96.9% with 6 runs; `alloc_moe.stages.latency.median_interval`) over the
+  speedup's own (`speedup_lo`, `speedup_hi`: the order-statistic interval of the per-run ratios original / plan for
+  their median, coverage `speedup_level`, 96.9% with 6 runs; `alloc_moe.stages.latency.median_interval`; the hf
+  backend interleaves the plans run by run, the vllm backend times one engine after another) over the
   ideal; over several seeds the mean of the seeds' bounds, next to the mean effect. Between two methods there is no
   interval (the stage keeps each plan's interval, not every run's time, so the pairing across plans is lost): point.
 
@@ -316,7 +317,7 @@ def latency_rows(c: Claim, lat: pd.DataFrame | None, k_base: int, calibration: s
                 level = g.level.min() if "level" in g and g.level.notna().all() else math.nan
                 seeds = "" if len(g) == 1 else f", the mean of {len(g)} seeds' bounds"
                 row |= {"ci": (float(g.lo.mean() - 1.0), float(g.hi.mean() - 1.0)),
-                        "test": f"interleaved runs: median interval ({level:.1%}){seeds}"}
+                        "test": f"per-run ratios: median interval ({level:.1%}){seeds}"}
             rows.append(row)
     return rows
 

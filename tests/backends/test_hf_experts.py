@@ -63,3 +63,32 @@ def test_apply_installs_and_removes_the_kept_pairs_forward():
     topk = build_plan(method="uniform", budget=K * len(layers) / 2, moe_layers=idx, k_orig=K)
     with apply(model, topk):
         assert all("forward" not in m.experts.__dict__ for m in layers)
+
+
+def test_the_installed_forward_takes_the_kept_pairs_path_on_cpu_grouped_mm(monkeypatch):
+    """A forward pass with an Alloc-T plan calls `kept_pairs_forward` once per MoE layer while the experts run
+    grouped_mm on CPU, and the model's own forward under another implementation (switched after `apply`)."""
+    from alloc_moe.backends.hf import experts as hf_experts
+
+    model, _ = _experts("olmoe-1b-7b-0924", torch.float32)
+    layers = moe_layers(model)
+    K = layers[0].k_orig
+    plan = build_plan(method="uniform", budget=K * len(layers) / 2, moe_layers=[m.index for m in layers], k_orig=K,
+                      token_allocation="alloc-t")
+    calls = []
+    real = hf_experts.kept_pairs_forward
+    monkeypatch.setattr(hf_experts, "kept_pairs_forward", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    impl = model.config._experts_implementation
+    with apply(model, plan), torch.inference_mode():
+        assert impl == "grouped_mm"
+        model(ids)
+        assert len(calls) == len(layers)
+        for m in layers:
+            m.experts.config._experts_implementation = "eager"
+        try:
+            model(ids)
+        finally:
+            for m in layers:
+                m.experts.config._experts_implementation = impl
+        assert len(calls) == len(layers)  # eager: the model's own forward, not the kept-pairs path

@@ -178,7 +178,7 @@ def test_speedup_near_ideal_takes_the_runs_interval():
     df = claims_table([], k_base=1, calibration="cal", latency=lat([(1.7, 1.62, 1.72)]))
     r = _row(df, "fig5-speedup-near-ideal", group="decode")  # region >= -0.2: 0.81-1 .. 0.86-1 all inside
     assert (r.effect, r.ci_low, r.ci_high) == pytest.approx((-0.15, -0.19, -0.14)) and r.verdict == "holds"
-    assert r.test == "interleaved runs: median interval (96.9%)"
+    assert r.test == "per-run ratios: median interval (96.9%)"
     r = _row(claims_table([], k_base=1, calibration="cal", latency=lat([(1.7, 1.5, 1.72)])), "fig5-speedup-near-ideal")
     assert r.ci_low == pytest.approx(-0.25) and r.verdict == "unresolved"  # straddles -0.2
     r = _row(claims_table([], k_base=1, calibration="cal", latency=lat([(1.5, 1.4, 1.55)])), "fig5-speedup-near-ideal")

@@ -20,13 +20,6 @@ def _grouped_linear():
     return fn
 
 
-def _is_grouped_mm(experts) -> bool:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
-
-    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    return impl is not None and ALL_EXPERTS_FUNCTIONS.get(impl, None) is grouped_mm_experts_forward
-
-
 def kept_pairs_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' grouped_mm experts forward on the kept pairs only (sentinel id = num_experts), CPU."""
@@ -57,11 +50,17 @@ def kept_pairs_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.
 
 def make_forward(experts):
     """A forward for `experts` (bound: set it as the instance's `forward`) that takes the kept-pairs path on CPU with
-    the grouped_mm implementation and the model's own forward otherwise."""
+    the grouped_mm implementation and the model's own forward otherwise (the implementation is read per call: it can
+    be switched after the plan is applied; the lookup is resolved here, once)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
     own = experts.forward
+    config = getattr(experts, "config", None)
 
     def forward(hidden_states, top_k_index, top_k_weights):
-        if hidden_states.device.type == "cpu" and _is_grouped_mm(experts):
+        impl = getattr(config, "_experts_implementation", None)
+        grouped_mm = impl is not None and ALL_EXPERTS_FUNCTIONS.get(impl, None) is grouped_mm_experts_forward
+        if hidden_states.device.type == "cpu" and grouped_mm:
             return kept_pairs_forward(experts, hidden_states, top_k_index, top_k_weights)
         return own(hidden_states, top_k_index, top_k_weights)
 
