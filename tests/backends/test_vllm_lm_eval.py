@@ -53,7 +53,10 @@ def evaluate(lm, config) -> dict:
     }
 
 
-def test_vllm_eval_matches_hf(tmp_path):
+def test_vllm_eval_matches_hf(tmp_path, monkeypatch):
+    """In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, the uni executor): what is compared is the scores, and two
+    processes fewer to start save about 15 s; the plan crossing into a worker process is
+    tests/backends/test_vllm_backend.py::test_plugin_reaches_the_worker_process."""
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
@@ -64,8 +67,9 @@ def test_vllm_eval_matches_hf(tmp_path):
     plan = plan_for(model_dir, "top-p", [2.0, 2.0, 3.0], thresholds=[0.4, 0.6, 0.8])
     config = task_config(tmp_path)
     before = os.environ.get(PLAN_ENV)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with make_lm(model_dir, plan, batch_size=1, dtype="float32", device="cpu", seed=0,
-                 max_num_seqs=1) as lm:
+                 max_num_seqs=1, distributed_executor_backend="uni") as lm:
         got = evaluate(lm, config)
         assert lm.alloc_moe_record["scheduler"]["max_num_seqs"] == 1
         assert lm.alloc_moe_record["vllm_version"]
