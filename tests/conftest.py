@@ -60,10 +60,23 @@ def pytest_collection_modifyitems(config, items):
     users of the shared tiny run (so it is made once), and otherwise one group per test file (so a module-scoped
     fixture, e.g. a vLLM engine or a trained model, is made once). `tryfirst`: pytest-xdist reads the groups in its
     own hook of this name, which otherwise runs first and sees none (tests/test_xdist_groups.py)."""
+    groups = {}
     for item in items:
         if {"tiny_run", "tiny_report"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.workflow)
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("tiny_run"))
+            group = "tiny_run"
         else:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups.setdefault(group, []).append(item)
+    # Longest groups first (pyproject's --no-loadscope-reorder keeps this order; xdist's own puts the groups with
+    # the most tests first, which sent the 90-s vLLM workflow run to the end of the vLLM suite): a worker takes the
+    # next group when it runs dry, so long ones started last leave the other worker idle at the end.
+    items[:] = [item for _, group in sorted(groups.items(), key=lambda g: _cost_rank(g[1])) for item in group]
+
+
+def _cost_rank(group: list) -> int:
+    """0: runs workflow jobs for real (a workflow run is the longest thing a test does), 1: slow, 2: the rest."""
+    marks = {m.name for item in group for m in item.iter_markers()}
+    return 0 if "workflow" in marks else 1 if "slow" in marks else 2

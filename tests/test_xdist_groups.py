@@ -52,3 +52,21 @@ def test_groups_reach_one_worker_each(tmp_path):
         by_group.setdefault(nodeid.rsplit("@", 1)[1], set()).add(worker)
     assert set(by_group) == {"tiny_run", "test_three.py"}, by_group
     assert all(len(workers) == 1 for workers in by_group.values()), by_group
+
+
+def test_longest_groups_are_collected_first(tmp_path):
+    """Groups that run workflow jobs come first, then slow ones, then the rest, each group kept together and in its
+    own order (with --no-loadscope-reorder, xdist hands the groups out in this order: long ones are not left to the
+    end, where one worker would run them while the other idles)."""
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_a.py").write_text("def test_a1():\n    pass\n\n\ndef test_a2(tiny_run):\n    pass\n")
+    (tmp_path / "test_b.py").write_text("import pytest\n\n\ndef test_b1():\n    pass\n\n\n"
+                                        "@pytest.mark.slow\ndef test_b2():\n    pass\n")
+    (tmp_path / "test_c.py").write_text("import pytest\n\n\ndef test_c1():\n    pass\n\n\n"
+                                        "@pytest.mark.workflow\ndef test_c2():\n    pass\n")
+    res = subprocess.run([os.path.abspath(sys.executable), "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
+                          "-p", "no:cacheprovider", "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    order = [line.split("::")[1] for line in res.stdout.splitlines() if "::" in line]
+    assert order == ["test_a2", "test_c1", "test_c2", "test_b1", "test_b2", "test_a1"], order
