@@ -24,7 +24,7 @@ def test_default_latency_rule_times_the_twin(tmp_path):
     twin = [c for c in cmds if "alloc-moe make-twin" in c]
     assert twin and "--model results/embedded-s0/model --hidden-size 512 --expert-size 512 --seed 0" in twin[0]
     lat = [c for c in cmds if "alloc-moe latency" in c]
-    assert lat and "--model results/embedded-s0/twin " in lat[0] and "--runs 6" in lat[0] and "--threads $(( 1 > 0 && 1 < 2 ? 1 : 2 )) " in lat[0]
+    assert lat and "--model results/embedded-s0/twin " in lat[0] and "--decode 16" in lat[0] and "--runs 9" in lat[0] and "--threads $(( 1 > 0 && 1 < 2 ? 1 : 2 )) " in lat[0]
     assert not [c for c in cmds if "results/embedded-s0/twin" in c and "alloc-moe latency" not in c
                 and "make-twin" not in c]  # the twin feeds the latency job only
 
