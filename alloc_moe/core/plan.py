@@ -20,6 +20,13 @@ def plan_schema() -> dict:
     return json.loads((resources.files("alloc_moe") / "schemas" / "plan.schema.json").read_text())
 
 
+# The token modes a plan may name (the schema's enum; each is a `core.token_alloc.TOKEN_METHODS` entry, and
+# tests/core/test_plan_cli.py checks that the two agree), and those that carry per-layer thresholds. Read here, not
+# from token_alloc, so that planning imports no torch: a plan job is ~0.6 s instead of ~1.5 s (the main job has ~40).
+TOKEN_ALLOCATIONS = tuple(plan_schema()["properties"]["token_allocation"]["enum"])
+THRESHOLD_ALLOCATIONS = ("top-p", "naee")
+
+
 @dataclasses.dataclass
 class Plan:
     model: str
@@ -80,7 +87,7 @@ class Plan:
             raise AllocMoeError(f"invalid plan: k_base={self.k_base} exceeds k_orig={K}")
         if sum(self.k_per_layer) > self.budget + 1e-6:
             raise AllocMoeError(f"invalid plan: k_per_layer sums to {sum(self.k_per_layer)}, above the budget {self.budget}")
-        needs = self.token_allocation in ("top-p", "naee")
+        needs = self.token_allocation in THRESHOLD_ALLOCATIONS
         if needs and (self.thresholds is None or len(self.thresholds) != L):
             raise AllocMoeError(f"invalid plan: token_allocation {self.token_allocation!r} needs one threshold per MoE layer ({L})")
         if not needs and self.thresholds is not None:
@@ -143,14 +150,12 @@ def build_plan(
     `routing_scores` maps decoder-layer index -> recorded candidate scores [N, K_orig] (needed by top-p and naee).
     Top-k needs integer K per layer; the token modes accept the fractional uniform share B / L.
     """
-    from .calibration import calibrate_threshold
     from .layer_alloc import DEFAULT_NORMALIZATION, LAYER_METHODS, allocate_layers
-    from .token_alloc import THRESHOLD_METHODS, TOKEN_METHODS
 
     if method not in LAYER_METHODS:
         raise AllocMoeError(f"unknown layer method {method!r}; allowed: {', '.join(LAYER_METHODS)}")
-    if token_allocation not in TOKEN_METHODS:
-        raise AllocMoeError(f"unknown token allocation {token_allocation!r}; allowed: {', '.join(TOKEN_METHODS)}")
+    if token_allocation not in TOKEN_ALLOCATIONS:
+        raise AllocMoeError(f"unknown token allocation {token_allocation!r}; allowed: {', '.join(TOKEN_ALLOCATIONS)}")
     L = len(moe_layers)
     kb = k_base if token_allocation == "alloc-t" else 1
     budget = check_budget(budget, L, k_orig, kb)
@@ -169,7 +174,9 @@ def build_plan(
             f"{method} gives some layer K={min(ks)} < k_base={k_base}; lower --k-base or raise the budget"
         )
     thresholds = None
-    if token_allocation in THRESHOLD_METHODS:
+    if token_allocation in THRESHOLD_ALLOCATIONS:
+        from .calibration import calibrate_threshold  # torch: only the thresholded modes need it
+
         if routing_scores is None:
             raise AllocMoeError(f"token allocation {token_allocation!r} needs recorded routing probabilities (--routing-scores)")
         missing = [l for l in moe_layers if l not in routing_scores]

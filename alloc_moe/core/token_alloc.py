@@ -88,7 +88,6 @@ TOKEN_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "top-p": top_p_slots,
     "naee": naee_slots,
 }
-THRESHOLD_METHODS = {"top-p", "naee"}
 
 
 # ---- the same algorithms on full probability rows [T, E] ----

@@ -84,14 +84,14 @@ def _cmd_show(args) -> int:
 
 def register_cli(sub) -> None:
     from ..core.layer_alloc import LAYER_METHODS, NORMALIZATIONS
-    from ..core.token_alloc import TOKEN_METHODS
+    from ..core.plan import TOKEN_ALLOCATIONS
 
     p = sub.add_parser("plan", help="allocate a global activation budget over the MoE layers and write a plan JSON",
                        description="Allocate a global activation budget B over a model's MoE layers and write a plan.")
     p.add_argument("--sensitivity", metavar="S.csv", help="long CSV with header layer,k,value (from `alloc-moe profile`)")
     p.add_argument("--budget", type=float, required=True, help="global budget B = sum over MoE layers of activations per token")
     p.add_argument("--method", choices=list(LAYER_METHODS), required=True, help="layer-level allocation method")
-    p.add_argument("--token-allocation", choices=list(TOKEN_METHODS), default="topk", help="token-level mode (default: topk)")
+    p.add_argument("--token-allocation", choices=list(TOKEN_ALLOCATIONS), default="topk", help="token-level mode (default: topk)")
     p.add_argument("--k-base", type=int, default=1, help="alloc-t: experts every token keeps (default: 1)")
     p.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="alloc-l: sensitivity row normalisation (default: relative)")

@@ -573,6 +573,22 @@ def test_a_command_imports_only_its_own_module():
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_planning_top_k_and_alloc_t_imports_no_torch(tmp_path):
+    """`alloc-moe plan` for a top-k or Alloc-T plan runs without torch (a workflow job per plan: ~40 in the main
+    job, each ~0.9 s faster); top-p and NAEE load recorded routing scores and need it."""
+    csv = write_csv(tmp_path / "S.csv")
+    code = ("import sys; from alloc_moe.cli import main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print('TORCH', 'torch' in sys.modules, rc)")
+    for mode in ("topk", "alloc-t"):
+        out = tmp_path / f"{mode}.json"
+        res = subprocess.run([sys.executable, "-c", code, "plan", "--sensitivity", str(csv), "--budget", "10",
+                              "--method", "alloc-l", "--token-allocation", mode, "--out", str(out)],
+                             capture_output=True, text=True, check=True)
+        assert res.stdout.strip().endswith("TORCH False 0"), res.stdout + res.stderr
+        assert Plan.load(out).token_allocation == mode
+
+
 def test_console_script_subprocess(tmp_path):
     """The installed `alloc-moe` entry point (one real process: exit code and the recorded command line)."""
     csv = write_csv(tmp_path / "S.csv")

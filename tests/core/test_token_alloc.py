@@ -266,7 +266,11 @@ SLOT_CALLS = [
 
 
 def test_token_methods_registry():
+    """The registry is the plan schema's enum (`core.plan.TOKEN_ALLOCATIONS`, which planning reads without torch)."""
+    from alloc_moe.core.plan import THRESHOLD_ALLOCATIONS, TOKEN_ALLOCATIONS
+
     assert set(TOKEN_METHODS) == {"topk", "alloc-t", "top-p", "naee"}
+    assert tuple(TOKEN_METHODS) == TOKEN_ALLOCATIONS and set(THRESHOLD_ALLOCATIONS) < set(TOKEN_ALLOCATIONS)
 
 
 @pytest.mark.parametrize("name,kw", SLOT_CALLS, ids=[f"{n}-{list(k.values())}" for n, k in SLOT_CALLS])
