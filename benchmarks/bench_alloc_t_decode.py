@@ -10,8 +10,8 @@ Uniform top-k and Uniform + Alloc-T (k_base 1) at half budget with the latency s
 (`alloc_moe.stages.latency`: batch x prompt, decode steps, warm-up + runs) on each backend: `hf`
 (`backends.hf.latency.measure_hf`, labels interleaved run by run; a fourth label, "Alloc-T (sentinel slots)", is
 Alloc-T with transformers' own grouped_mm sentinel path instead of `backends.hf.experts.kept_pairs_forward`: the
-before of this change, measured in the same runs) and `vllm` (the CPU build, eager; one engine per plan, plan after
-plan). Each speedup (median of per-run ratios to the original, with min-max over runs) stands next to its ideal
+before of this change, measured in the same runs) and `vllm` (the CPU build, eager: one engine, the plans swapped in
+and interleaved run by run, as on hf; `backends.vllm.latency`). Each speedup (median of per-run ratios to the original, with min-max over runs) stands next to its ideal
 (Amdahl on the measured expert share) and `of_ideal` = speedup / ideal; `vs_topk` = Alloc-T's speedup / top-k's.
 
 Writes `<out-dir>/<name>.csv` (one row per topology, backend, plan, phase), `<name>.png` (seaborn: measured and
@@ -117,8 +117,8 @@ def markdown(df, args, env) -> str:
              f"{args.runs} runs; speedup = median over runs of original ms / plan ms [min-max over runs]; ideal = "
              "Amdahl on the original's measured expert share; of ideal = speedup / ideal; vs top-k = median over runs "
              "of top-k ms / plan ms [min-max]; fastest = the same ratios on the fastest run of each label (other work on a "
-             "shared machine only adds time). hf: labels interleaved in every run; vllm: one eager engine per plan, "
-             "decode ms = (full run - prefill run) / (decode - 1).",
+             "shared machine only adds time). hf: labels interleaved in every run; vllm: one eager engine, the plans swapped "
+             "in and interleaved in every run, decode ms = (full run - prefill run) / (decode - 1).",
              "",
              "| topology | backend | plan | phase | ms | speedup [min-max] | fastest | ideal | of ideal | vs top-k [min-max] "
              "| vs top-k fastest |",

@@ -202,6 +202,34 @@ def test_pairs_at_the_kernel_follow_the_plan(setup, kernel_pairs, mode):
     assert kernel_pairs == expected
 
 
+def test_swap_plan_gives_the_engine_each_plan_in_turn(setup, kernel_pairs):
+    """What the interleaved latency measurement does before every timed run (`latency.swap_plan`, eager engines):
+    each swap leaves the layers in the state `_expected_state` names and the expert kernel doing exactly that plan's
+    pairs, and swapping back to None gives the original's pairs again."""
+    import functools
+
+    from alloc_moe.backends.vllm.latency import _expected_state, swap_plan
+
+    model_dir, _, llm = setup
+    p = plans(model_dir)
+    ids = prompts()[2]
+    T = len(ids)
+    layers = p["topk"].moe_layers
+    expected = {None: {layer: T * 4 for layer in layers},  # K_orig = 4
+                "topk": {layer: T * int(k) for layer, k in zip(layers, p["topk"].k_per_layer)},
+                "alloc-t": {layer: int(T * k) for layer, k in zip(layers, p["alloc-t"].k_per_layer)}}
+    try:
+        for name in (None, "topk", "alloc-t", "topk", None, "alloc-t"):
+            plan = p[name] if name else None
+            state = llm.apply_model(functools.partial(swap_plan, plan=plan))[0]
+            assert state == _expected_state(plan, [4] * len(layers)), name
+            kernel_pairs.clear()
+            vllm_run(llm, [ids], 1)
+            assert kernel_pairs == expected[name], name
+    finally:
+        llm.apply_model(remove_plan)
+
+
 def test_alloc_t_scope_sequence(setup, monkeypatch):
     """Scope `sequence`: prompts batched into one step still each match HF's single-sequence Alloc-T; scope `step`
     (the paper's) couples them, so the batched result differs from the one-by-one one."""
