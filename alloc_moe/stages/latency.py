@@ -41,10 +41,11 @@ Backends are registered by name in `alloc_moe.backends.base.BACKENDS` and reache
   `alloc_moe.backends.vllm.options`); `hf` takes none.
 
 No resuming after a kill (unlike `alloc-moe eval --resume-dir`): a speedup is a ratio of timings of the original and a
-plan taken run by run in one process on one machine state. The `hf` backend interleaves the labels inside every run,
-so no label is ever finished before the others; the `vllm` backend measures plan after plan, but timings kept from a
-killed process would be paired with timings of another process, possibly on another node, GPU clock or neighbour
-load, and the speedups would silently mix conditions. A killed latency job is measured again as a whole.
+plan taken run by run in one process on one machine state. The `hf` backend, and the `vllm` backend on eager engines,
+interleave the labels inside every run, so no label is ever finished before the others; `vllm` with compiled or
+CUDA-graph engines measures plan after plan (one engine each). Timings kept from a killed process would be paired
+with timings of another process, possibly on another node, GPU clock or neighbour load, and the speedups would
+silently mix conditions. A killed latency job is measured again as a whole.
 """
 
 import dataclasses
