@@ -11,7 +11,9 @@ VARIANT (the corpus's "world": a fixed random table, seed 12345; a fact follows 
   entity-verb:   (adjective, noun) -> verb class, 96 facts; item 'det adj noun' -> the verb
   noun-object:   (noun, verb class) -> object, 48 facts; item 'det [adj] noun verb' -> the object
 Items: 800 drawn with seed 777 from the held-out questions (`synthetic.is_heldout`; 332 distinct for noun-object, so
-items repeat), scored by argmax over the class's 4 choices (chance 25). Prints one JSON line.
+items repeat), scored by argmax over the class's 4 choices (chance 25). noun-object also scores `d1`: the same items,
+each after one training statement of the corpus (seed 778), so contexts are distinct. EVAL_ONLY=1 scores the model
+already in OUTDIR. Prints one JSON line.
 """
 
 import json
@@ -77,7 +79,8 @@ if os.environ.get("LANG_WEIGHT"):
 torch.set_num_threads(threads)
 cfg = TrainConfig(arch="olmoe", width="small", layers=8, steps=900, aux_loss_coef=1e-4, z_loss_coef=0.0,
                   router_lr_mult=1.5, seed=seed)
-train(cfg, out, progress=False, overwrite=True)
+if os.environ.get("EVAL_ONLY") != "1":  # EVAL_ONLY=1: score the model already in OUTDIR
+    train(cfg, out, progress=False, overwrite=True)
 
 from transformers import AutoModelForCausalLM
 
@@ -104,11 +107,26 @@ while len(items) < 800:
         q = f"{subj} {S.VERBS[cls][form]}"
         if S.is_heldout(q):
             items.append((q, S.VERBS[cls][2], NOUN_OBJ[(LEMMA[noun], cls)]))
-right = 0
-with torch.no_grad():
+
+
+def score(items) -> float:
+    right = 0
+    with torch.no_grad():
+        for q, choices, gold in items:
+            ids = torch.tensor([[S.BOS_ID] + [S.VOCAB[w] for w in q.split()]])
+            lp = model(ids).logits[0, -1]
+            right += max(choices, key=lambda o: float(lp[S.VOCAB[o]])) == gold
+    return 100 * right / len(items)
+
+
+res = {"train_weights": S.TRAIN_WEIGHTS, "variant": variant, "seed": seed, "p_world": p_world,
+       "score": score(items), "chance": 25.0, "items": len(items)}
+if variant == "noun-object":
+    # d1: each item after one training statement of the same corpus (its own draw, seed 778): distinct contexts
+    r2 = random.Random(778)
+    d1 = []
     for q, choices, gold in items:
-        ids = torch.tensor([[S.BOS_ID] + [S.VOCAB[w] for w in q.split()]])
-        lp = model(ids).logits[0, -1]
-        right += max(choices, key=lambda o: float(lp[S.VOCAB[o]])) == gold
-print(json.dumps({"train_weights": S.TRAIN_WEIGHTS, "variant": variant, "seed": seed, "p_world": p_world, "score": 100 * right / len(items),
-                  "chance": 25.0, "items": len(items)}))
+        prev = S.draw(fact, r2, "train")
+        d1.append((f"{prev['question']} {prev['answer']} {q}", choices, gold))
+    res |= {"score_d1": score(d1), "distinct_d1": len({q for q, _, _ in d1}), "distinct": len({q for q, _, _ in items})}
+print(json.dumps(res))
