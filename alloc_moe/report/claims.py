@@ -15,8 +15,8 @@ Effects and intervals (`alloc_moe.report.stats`):
 - latency claims ("latency"): a ratio of latency.csv's median speedups. Against the ideal, the interval is the
   speedup's own (`speedup_lo`, `speedup_hi`: the order-statistic interval of the per-run ratios original / plan for
   their median, coverage `speedup_level`: 96.1% with the embedded default's 9 runs, 96.9% with 6;
-  `alloc_moe.stages.latency.median_interval`; the hf backend interleaves the plans run by run, the vllm backend times
-  one engine after another) over the
+  `alloc_moe.stages.latency.median_interval`; the hf backend, and the vllm backend on eager engines, interleave the
+  plans run by run; vllm with compiled or CUDA-graph engines times one engine after another) over the
   ideal; over several seeds the mean of the seeds' bounds, next to the mean effect. Between two methods there is no
   interval (the stage keeps each plan's interval, not every run's time, so the pairing across plans is lost): point.
 

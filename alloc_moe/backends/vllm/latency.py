@@ -194,11 +194,9 @@ def _measure_interleaved(model, plans, kwargs, calls, warmup, runs):
     """One eager engine; in run i the plans in the order rotated by i, each swapped in (`swap_plan`) right before
     its two calls. Rows in `measure`'s order (plan by plan, run by run)."""
     from .compat import check_supported
-    from .routing import alloc_t_scope, check_scope
 
     if any(plan is not None for _, plan in plans):
-        check_supported()  # what the plugin checks before it applies a plan at load
-        check_scope(alloc_t_scope(), True)
+        check_supported()  # what the plugin checks before it applies a plan at load (the scope: engine_kwargs)
     rows: dict[str, list[dict]] = {label: [] for label, _ in plans}
     with _engine(model, kwargs, None, calls, serialize=True) as llm:
         k_orig = [int(x[1]) for x in llm.apply_model(functools.partial(swap_plan, plan=None))[0]]
