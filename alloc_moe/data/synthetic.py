@@ -15,6 +15,14 @@ question in eight is held out. Training and calibration text use only the others
 
 Three calibration sets (`CALIBRATION_SETS`) play the roles of WikiText2 / C4 / Pile in the paper's Table 3: the
 balanced mix, a language-heavy mix and a structure-heavy mix, each drawn with its own seed.
+
+The corpus is versioned (`CORPORA`; `CORPUS` is the current one). Every function that draws text takes `corpus=`:
+- `v1`: a fact's object is uniform among its verb's four, so the language family has syntax to learn but no knowledge;
+  the training stream weighs language 1, patterns 1, arithmetic 2. The embedded task suites v1 and v2 were built on it.
+- `v2` (docs/results/task-suite-v3.md): the corpus has a **world**, `WORLD`, a fixed random table (noun, verb class)
+  -> object: a fact states the world's object with probability `P_WORLD` = 0.8, otherwise a uniform one; the training
+  stream weighs language 2, patterns 1, arithmetic 2. Suite v3's NLU task asks what the world says for held-out
+  questions (knowledge, as SciQ asks it). Patterns and arithmetic are drawn exactly as in v1.
 """
 
 import hashlib
@@ -69,9 +77,40 @@ def fact(r: random.Random) -> dict:
             "question": f"{subj} {verb}", "answer": f"{obj} ."}
 
 
-def yesno(r: random.Random) -> dict:
+# ---- corpus v2's world: (noun lemma, verb class) -> the object the world says -----------------------------------
+P_WORLD = 0.8
+LEMMA = {**{n: n for n in NOUN["sg"]}, **dict(zip(NOUN["pl"], NOUN["sg"]))}  # plural or singular noun -> singular
+
+
+def _world_table() -> dict[tuple[str, str], str]:
+    """48 facts, drawn with seed 12345 after 96 draws of a verb class: the table the exploration's models learned
+    (docs/results/task-suite-v3-exploration.md, whose generator drew another table, entity -> verb class, first)."""
+    r = random.Random(12345)
+    for _ in range(len(ADJ) * len(NOUN["sg"])):
+        r.choice(list(VERBS))
+    return {(n, c): r.choice(VERBS[c][2]) for n in NOUN["sg"] for c in VERBS}
+
+
+WORLD = _world_table()
+
+
+def fact_v2(r: random.Random) -> dict:
+    """Corpus v2's fact: as `fact`, but the object is the world's (`WORLD[noun, class]`) with probability P_WORLD."""
+    num = r.choice(["sg", "pl"])
+    det, noun = r.choice(DET[num]), r.choice(NOUN[num])
+    adj = None if r.random() < 0.5 else r.choice(ADJ)
+    cls = r.choice(list(VERBS))
+    sg, pl, objs = VERBS[cls]
+    obj = WORLD[(LEMMA[noun], cls)] if r.random() < P_WORLD else r.choice(objs)
+    subj = f"{det} {noun}" if adj is None else f"{det} {adj} {noun}"
+    verb = sg if num == "sg" else pl
+    return {"num": num, "cls": cls, "subj": subj, "verb": verb, "obj": obj,
+            "question": f"{subj} {verb}", "answer": f"{obj} ."}
+
+
+def yesno(r: random.Random, fact_gen=fact) -> dict:
     """A fact, then a yes/no question about it: the object asked about is the stated one or another of its class."""
-    f = fact(r)
+    f = fact_gen(r)
     sg, pl, objs = VERBS[f["cls"]]
     asked = f["obj"] if r.random() < 0.5 else r.choice([o for o in objs if o != f["obj"]])
     aux = "does" if f["num"] == "sg" else "do"
@@ -106,10 +145,31 @@ def _language(r):
     return fact(r) if r.random() < 0.75 else yesno(r)
 
 
-FAMILIES = {"language": _language, "patterns": pattern, "arithmetic": arithmetic}
+def _language_v2(r):
+    return fact_v2(r) if r.random() < 0.75 else yesno(r, fact_v2)
+
+
+FAMILIES = {"language": _language, "patterns": pattern, "arithmetic": arithmetic}  # corpus v1's
 
 # documents per family in the training stream: arithmetic, the hardest family, gets twice the share
-TRAIN_WEIGHTS = {"language": 1, "patterns": 1, "arithmetic": 2}
+TRAIN_WEIGHTS = {"language": 1, "patterns": 1, "arithmetic": 2}  # corpus v1's
+
+# corpus version -> (families: name -> item generator, training-stream weights). v2 doubles the language family's
+# share: with v1's share, one training seed of three did not learn the world at all in 900 steps (the exploration's
+# round 3), with twice the share all three did, and Reasoning and Math kept their scores (round 4).
+CORPORA = {
+    "v1": (FAMILIES, TRAIN_WEIGHTS),
+    "v2": ({"language": _language_v2, "patterns": pattern, "arithmetic": arithmetic},
+           {"language": 2, "patterns": 1, "arithmetic": 2}),
+}
+CORPUS = "v2"  # the current version: `alloc-moe train`'s and `make-corpus`'s default, the workflow's `corpus:` default
+
+
+def corpus_spec(corpus: str) -> tuple[dict, dict]:
+    """(families, training weights) of a corpus version; one-line error naming the versions."""
+    if corpus not in CORPORA:
+        raise AllocMoeError(f"unknown corpus {corpus!r}; allowed: {', '.join(CORPORA)}")
+    return CORPORA[corpus]
 
 # name -> (seed offset, family weights): the embedded analogues of WikiText2 / C4 / Pile (paper Table 3)
 CALIBRATION_SETS = {
@@ -129,28 +189,30 @@ def draw(gen, r: random.Random, split: str) -> dict:
 
 
 def make_corpus(seed: int, docs_per_family: int, *, sentences_per_doc: int = 8, weights: dict | None = None,
-                split: str = "train") -> list[dict]:
-    """Documents of `sentences_per_doc` items each, `docs_per_family` x weight documents per family.
+                split: str = "train", corpus: str = CORPUS) -> list[dict]:
+    """Documents of `sentences_per_doc` items each, `docs_per_family` x weight documents per family, from corpus
+    version `corpus`.
 
     `split='train'` uses only non-held-out questions (training and calibration text); 'heldout' only held-out ones.
     """
     if split not in ("train", "heldout"):
         raise AllocMoeError(f"unknown split {split!r}; allowed: train, heldout")
-    weights = weights or {f: 1 for f in FAMILIES}
+    families, _ = corpus_spec(corpus)
+    weights = weights or {f: 1 for f in families}
     r = random.Random(seed)
     docs = []
-    for fam, gen in FAMILIES.items():
+    for fam, gen in families.items():
         for _ in range(docs_per_family * weights.get(fam, 0)):
             items = [draw(gen, r, split) for _ in range(sentences_per_doc)]
             docs.append({"family": fam, "text": " ".join(f"{it['question']} {it['answer']}" for it in items)})
     return docs
 
 
-def calibration_set(name: str, docs_per_family: int) -> list[dict]:
+def calibration_set(name: str, docs_per_family: int, corpus: str = CORPUS) -> list[dict]:
     if name not in CALIBRATION_SETS:
         raise AllocMoeError(f"unknown calibration set {name!r}; allowed: {', '.join(CALIBRATION_SETS)}")
     seed, weights = CALIBRATION_SETS[name]
-    return make_corpus(seed, docs_per_family, weights=weights)
+    return make_corpus(seed, docs_per_family, weights=weights, corpus=corpus)
 
 
 def write_jsonl(path, docs: list[dict]) -> None:
@@ -186,6 +248,8 @@ def register_cli(sub) -> None:
     p.add_argument("--docs-per-family", type=int, default=200)
     p.add_argument("--split", choices=["train", "heldout"], default="train",
                    help="train: no held-out question (training/calibration text); heldout: only held-out questions")
+    p.add_argument("--corpus", choices=list(CORPORA), default=CORPUS,
+                   help=f"corpus version (default {CORPUS}, the current one; v1: no world, see this module's docstring)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_make_corpus)
 
@@ -194,9 +258,9 @@ def _cmd_make_corpus(args) -> int:
     if args.docs_per_family < 1:
         raise AllocMoeError(f"--docs-per-family must be >= 1, got {args.docs_per_family}")
     if args.calibration_set:
-        docs = calibration_set(args.calibration_set, args.docs_per_family)
+        docs = calibration_set(args.calibration_set, args.docs_per_family, args.corpus)
     else:
-        docs = make_corpus(args.seed, args.docs_per_family, split=args.split)
+        docs = make_corpus(args.seed, args.docs_per_family, split=args.split, corpus=args.corpus)
     write_jsonl(args.out, docs)
     print(f"wrote {args.out}: {len(docs)} documents")
     return 0

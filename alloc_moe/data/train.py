@@ -46,10 +46,11 @@ def token_stream(cfg: TrainConfig) -> torch.Tensor:
     from . import synthetic
 
     need = cfg.steps * cfg.batch_size * cfg.seq_len
+    _, weights = synthetic.corpus_spec(cfg.corpus)
     ids: list[int] = []
     chunk = 0
     while len(ids) < need:
-        docs = synthetic.make_corpus(cfg.seed * 1000 + chunk, 200, weights=synthetic.TRAIN_WEIGHTS)
+        docs = synthetic.make_corpus(cfg.seed * 1000 + chunk, 200, weights=weights, corpus=cfg.corpus)
         order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed * 1000 + chunk)).tolist()
         for i in order:
             ids.append(synthetic.BOS_ID)
@@ -115,15 +116,17 @@ def routing_summary(model, ids: torch.Tensor) -> list[dict]:
     return rows
 
 
-def heldout_loss(model, seq_len: int, docs_per_family: int = 20) -> dict:
+def heldout_loss(model, seq_len: int, docs_per_family: int = 20, corpus: str | None = None) -> dict:
     """Mean next-token loss per family on held-out documents (questions never seen in training)."""
     from . import synthetic
 
     out = {}
     with torch.no_grad():
-        for fam in synthetic.FAMILIES:
-            w = {f: int(f == fam) for f in synthetic.FAMILIES}
-            docs = synthetic.make_corpus(99991, docs_per_family, weights=w, split="heldout")
+        corpus = corpus or synthetic.CORPUS
+        families, _ = synthetic.corpus_spec(corpus)
+        for fam in families:
+            w = {f: int(f == fam) for f in families}
+            docs = synthetic.make_corpus(99991, docs_per_family, weights=w, split="heldout", corpus=corpus)
             ids = torch.tensor([[synthetic.BOS_ID] + [synthetic.VOCAB[t] for t in d["text"].split()][: seq_len - 1]
                                 for d in docs if len(d["text"].split()) >= seq_len - 1])
             out[fam] = round(model(ids, labels=ids).loss.item(), 4)
@@ -229,7 +232,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "final_lm_loss": history[-1]["lm_loss"],
         "loss_curve": history[:: max(1, len(history) // 50)] + history[-1:],
-        "heldout_loss": heldout_loss(model, cfg.seq_len),
+        "heldout_loss": heldout_loss(model, cfg.seq_len, corpus=cfg.corpus),
         "routing": routing_summary(model, probe),
         "seconds_this_run": round(time.perf_counter() - t0, 1),
         "environment": environment(),
@@ -261,6 +264,7 @@ def _write_model_dir(model, summary: dict, out: Path) -> None:
 
 
 def register_cli(sub) -> None:
+    from .synthetic import CORPORA
     from .zoo import ZOO_SHAPES
 
     d = TrainConfig()
@@ -270,6 +274,8 @@ def register_cli(sub) -> None:
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--arch", choices=list(ZOO_SHAPES), default=d.arch)
     p.add_argument("--width", choices=["tiny", "small"], default=d.width)
+    p.add_argument("--corpus", default=d.corpus,
+                   help=f"synthetic corpus version: {', '.join(CORPORA)} (default {d.corpus}; v1: the corpus without a world)")
     for name in ("layers", "steps", "batch_size", "seq_len", "warmup", "seed", "checkpoint_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "weight_decay", "aux_loss_coef", "z_loss_coef", "router_lr_mult"):

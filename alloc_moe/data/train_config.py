@@ -23,8 +23,12 @@ class TrainConfig:
     router_lr_mult: float = 1.5
     seed: int = 0
     checkpoint_every: int = 50
+    corpus: str = "v2"  # synthetic corpus version (alloc_moe.data.synthetic.CORPORA): v2 has a world to learn
 
     def check(self) -> None:
+        from .synthetic import corpus_spec
+
+        corpus_spec(self.corpus)  # one-line error naming the versions
         for name in ("layers", "steps", "batch_size", "seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise AllocMoeError(f"{name} must be >= 1, got {getattr(self, name)}")

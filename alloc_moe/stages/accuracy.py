@@ -354,6 +354,7 @@ def _cmd_eval(args) -> int:
     plans = [None if p == "original" else Plan.load(p) for p in plans_in]
     check_plans_fit_model_dir(args.model, list(zip(plans_in, plans)))
     tasks = resolve_tasks(args.tasks, args.include_path)
+    _check_suites_fit_model(args.tasks, args.model)
     if args.perplexity is not None:
         from ..data.text import load_calibration
 
@@ -377,6 +378,15 @@ def _cmd_eval(args) -> int:
     if store is not None:
         store.clear()
     return 0
+
+
+def _check_suites_fit_model(tasks: str, model: str) -> None:
+    """An embedded suite that asks about a corpus's world needs a model trained on that corpus (one line if not)."""
+    from ..data.tasks import embedded
+
+    for item in [t.strip() for t in tasks.split(",")]:
+        if item in EMBEDDED_NAMES:
+            embedded.check_model_corpus(embedded.version_of(item), model)
 
 
 def _evaluate_missing(args, plans_in: list[str], plans: list, tasks, backend_args: dict, store) -> list[dict]:

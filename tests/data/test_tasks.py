@@ -124,8 +124,9 @@ def test_v1_is_byte_identical_to_the_suite_before_versioning(tmp_path):
 
 def test_suite_names_and_versions():
     assert tuple(embedded.NAMES) == EMBEDDED_NAMES
-    assert embedded.version_of("embedded") == embedded.VERSION == 2
-    assert [s.name for s in suite("embedded")] == [s.name for s in suite("embedded-v2")] == list(embedded.ITEMS_V2)
+    assert embedded.version_of("embedded") == embedded.VERSION == 3
+    assert [s.name for s in suite("embedded")] == [s.name for s in suite("embedded-v3")] == list(embedded.ITEMS_V3)
+    assert [s.name for s in suite("embedded-v2")] == list(embedded.ITEMS_V2)
     assert [s.name for s in suite("embedded-v1")] == list(embedded.ITEMS_V1)
     # v1 tasks kept in v2 keep their v1 items first (emb_digit all of them: lm-eval version 1.0; emb_sort with more
     # items after them: 2.0); tasks new in v2 get lm-eval metadata version 2.0
@@ -137,20 +138,105 @@ def test_suite_names_and_versions():
     assert embedded.ITEMS_V2["emb_digit"] == embedded.ITEMS_V1["emb_digit"]
     # no NLU task met the v2 rule on every training seed (docs/results/task-suite-v2.md)
     assert {s.group for s in suite("embedded-v2")} == {"Reasoning", "Math"}
+    # v3 = v2's tasks at v2's counts (same items, same lm-eval versions) + emb_world, new in v3 (lm-eval version 3.0)
+    assert {t: n for t, n in embedded.ITEMS_V3.items() if t != "emb_world"} == embedded.ITEMS_V2
+    assert embedded.task_config("emb_world", "x.jsonl", count=2951)["metadata"]["version"] == 3.0
+    assert [s.group for s in suite("embedded-v3")][0] == "NLU"
+    assert {s.group for s in suite("embedded-v3")} == {"NLU", "Reasoning", "Math"}
+    assert embedded.REQUIRES_CORPUS == {3: "v2"}
 
 
-def test_v2_groups_resolve_a_one_point_difference():
-    """R2 of the design note: 1.96 x paired SE <= 1 point per group at the v1 suite's measured discordance."""
-    d = {"Reasoning": 0.0768, "Math": 0.0325}
-    for g, dg in d.items():
-        ns = [n for t, n in embedded.ITEMS_V2.items() if embedded._GROUP[t] == g]
-        assert 1.96 * 100 * math.sqrt(sum(dg / n for n in ns)) / len(ns) <= 1.0, g
+def test_v3_and_v2_share_the_reasoning_and_math_items(tmp_path):
+    """v3's Reasoning and Math files are v2's byte for byte: only the NLU task was added."""
+    embedded.write_suite(tmp_path / "v2", version=2, items={t: 30 for t in embedded.ITEMS_V2})
+    embedded.write_suite(tmp_path / "v3", version=3, items={t: 30 for t in embedded.ITEMS_V3})
+    for t in embedded.ITEMS_V2:
+        for ext in ("jsonl", "yaml"):
+            assert (tmp_path / "v2" / f"{t}.{ext}").read_bytes() == (tmp_path / "v3" / f"{t}.{ext}").read_bytes()
+
+
+def test_world_items_ask_what_corpus_v2s_world_says_for_a_heldout_question():
+    items = embedded.make_items("emb_world", 2951)
+    assert len({it["context"] for it in items}) == 2951
+    fams, _ = syn.corpus_spec("v2")
+    for it in items:
+        words = it["context"].split()
+        cut = words.index(".") + 1  # the training statement before the question
+        prefix, q = " ".join(words[:cut]), " ".join(words[cut:])
+        assert not syn.is_heldout(" ".join(words[:cut - 2]))  # the statement is training text
+        assert syn.is_heldout(q)  # the question never is
+        verb = q.split()[-1]
+        cls = next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))
+        assert it["choices"] == syn.VERBS[cls][2]  # the verb's four objects: chance 25
+        assert it["choices"][it["gold"]] == syn.WORLD[(syn.LEMMA[q.split()[-2]], cls)]
+    assert embedded.chance(items) == 25.0
+    # the golds are spread over the 48 facts, not a few
+    assert len({(syn.LEMMA[it["context"].split()[-2]], it["context"].split()[-1]) for it in items}) >= 90  # sg/pl x 48
+
+
+def test_corpus_v1_is_unchanged_and_v2_states_the_world():
+    # v1's text as it was before corpus versions (digest of the drawing at commit 58edfa3)
+    docs = syn.make_corpus(5, 3, corpus="v1")
+    assert hashlib.sha256(json.dumps(docs).encode()).hexdigest()[:12] == "10d717588eb6"
+    assert syn.make_corpus(5, 3) == syn.make_corpus(5, 3, corpus=syn.CORPUS) and syn.CORPUS == "v2"
+    assert syn.corpus_spec("v1")[1] == {"language": 1, "patterns": 1, "arithmetic": 2}
+    assert syn.corpus_spec("v2")[1] == {"language": 2, "patterns": 1, "arithmetic": 2}
+    # v2's facts state the world's object with probability 0.8 + 0.2 / 4 (the uniform draw can hit it too); v1's 1/4
+    for corpus, want in (("v2", 0.85), ("v1", 0.25)):
+        gen = syn.fact_v2 if corpus == "v2" else syn.fact
+        r = random.Random(3)
+        fs = [gen(r) for _ in range(8000)]
+        hit = sum(f["obj"] == syn.WORLD[(syn.LEMMA[f["subj"].split()[-1]], f["cls"])] for f in fs) / len(fs)
+        assert abs(hit - want) < 0.02, (corpus, hit)
+    # the world: 48 facts, (noun, verb class) -> one of the verb's objects, every object used
+    assert len(syn.WORLD) == 48 and all(o in syn.VERBS[c][2] for (n, c), o in syn.WORLD.items())
+    assert all(n in syn.NOUN["sg"] for n, _ in syn.WORLD)
+    with pytest.raises(AllocMoeError, match="unknown corpus 'v3'; allowed: v1, v2"):
+        syn.make_corpus(0, 1, corpus="v3")
+
+
+def test_v3_needs_a_model_trained_on_corpus_v2(tmp_path, capsys):
+    def model(config):
+        d = tmp_path / f"m{len(list(tmp_path.glob('m*')))}"
+        d.mkdir()
+        if config is not None:
+            (d / "alloc_moe_train.json").write_text(json.dumps({"config": config}))
+        return d
+
+    embedded.check_model_corpus(3, model({"seed": 0, "corpus": "v2"}))
+    embedded.check_model_corpus(3, model(None))  # not written by alloc-moe train: taken as given
+    embedded.check_model_corpus(2, model({"seed": 0}))  # v2 runs on any corpus
+    for config in ({"seed": 0}, {"seed": 0, "corpus": "v1"}):  # no `corpus`: trained before versions, on v1
+        with pytest.raises(AllocMoeError) as e:
+            embedded.check_model_corpus(3, model(config))
+        assert "\n" not in str(e.value) and "embedded-v3 asks what corpus v2's world says" in str(e.value)
+        assert "trained on corpus v1" in str(e.value)
+    # `alloc-moe eval` refuses it before any model loads: one line, exit 2
+    from alloc_moe.cli import main
+
+    embedded.write_suite(tmp_path / "suite", version=3, items={t: 3 for t in embedded.ITEMS_V3})
+    m = model({"seed": 0})
+    assert main(["eval", "--model", str(m), "--tasks", "embedded-v3", "--include-path", str(tmp_path / "suite"),
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained on corpus v1" in err and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_v2_groups_resolve_a_one_point_difference(version):
+    """R2 of the design notes: 1.96 x paired SE <= 1 point per group at the v1 suite's measured discordance (NLU: the
+    largest measured anywhere, as for Reasoning)."""
+    d = {"NLU": 0.0768, "Reasoning": 0.0768, "Math": 0.0325}
+    items = embedded.VERSIONS[version]
+    for g in {embedded._GROUP[t] for t in items}:
+        ns = [n for t, n in items.items() if embedded._GROUP[t] == g]
+        assert 1.96 * 100 * math.sqrt(sum(d[g] / n for n in ns)) / len(ns) <= 1.0, g
 
 
 def test_v2_multi_token_choices_share_no_forward_pass_with_another_task():
     """lm-eval shares one forward pass between requests whose context + continuation minus its last token are the
     same text; emb_arith_mc's choices never make such a text equal to another v2 task's context."""
-    by_task = {t: embedded.make_items(t, n) for t, n in embedded.ITEMS_V2.items()}
+    by_task = {t: embedded.make_items(t, n) for t, n in embedded.ITEMS_V3.items()}
     contexts = {it["context"] for items in by_task.values() for it in items}
     for t, items in by_task.items():
         for it in items:
@@ -163,7 +249,7 @@ def test_v2_multi_token_choices_share_no_forward_pass_with_another_task():
 def test_bad_suite_name_is_one_line(name):
     with pytest.raises(AllocMoeError) as e:
         suite(name)
-    assert "\n" not in str(e.value) and "allowed: embedded, embedded-v1, embedded-v2, paper" in str(e.value)
+    assert "\n" not in str(e.value) and "allowed: embedded, embedded-v1, embedded-v2, embedded-v3, paper" in str(e.value)
 
 
 def test_make_tasks_version_flag(tmp_path, capsys):
@@ -172,10 +258,10 @@ def test_make_tasks_version_flag(tmp_path, capsys):
     assert main(["make-tasks", "--out", str(tmp_path / "a"), "--version", "embedded-v1", "--items", "5"]) == 0
     assert json.loads((tmp_path / "a" / "suite.json").read_text())["version"] == 1
     assert main(["make-tasks", "--out", str(tmp_path / "b"), "--items", "5"]) == 0
-    assert sorted(p.stem for p in (tmp_path / "b").glob("*.yaml")) == sorted(embedded.ITEMS_V2)
-    assert main(["make-tasks", "--out", str(tmp_path / "c"), "--version", "3"]) == 2
+    assert sorted(p.stem for p in (tmp_path / "b").glob("*.yaml")) == sorted(embedded.ITEMS_V3)
+    assert main(["make-tasks", "--out", str(tmp_path / "c"), "--version", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown --version '3'" in err[0]
+    assert len(err) == 1 and "unknown --version '4'" in err[0]
 
 
 def _yes_question(context: str) -> str:
@@ -228,7 +314,7 @@ def test_v2_new_tasks_are_held_out_unique_and_record_chance(task, tmp_path):
     assert cfg["metadata"]["group"] == embedded._GROUP[task] and cfg["metadata"]["version"] == 2.0
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_both_versions_load_in_lm_eval_offline(version, tmp_path, monkeypatch):
     """Each version's folder loads in lm-eval from its YAMLs alone (no hub access), with the items as documents."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -241,4 +327,4 @@ def test_both_versions_load_in_lm_eval_offline(version, tmp_path, monkeypatch):
     loaded = _task_manager(None, False).load([cfg for _, cfg in tasks])
     assert {n: len(list(t.eval_docs)) for n, t in loaded["tasks"].items()} == {t: 7 for t in embedded.VERSIONS[version]}
     with pytest.raises(AllocMoeError, match=f"holds embedded-v{version}, not the asked"):
-        resolve_tasks(f"embedded-v{3 - version}", str(tmp_path))
+        resolve_tasks(f"embedded-v{1 if version > 1 else 2}", str(tmp_path))

@@ -121,6 +121,27 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, msg):
     assert not (tmp_path / "m").exists()
 
 
+def test_corpus_version_is_a_training_setting(tmp_path, capsys):
+    """`corpus` picks the synthetic corpus (v2 by default: the world); an unknown one is one line, before any work."""
+    from alloc_moe.data import synthetic
+    from alloc_moe.data.train import token_stream
+
+    with pytest.raises(AllocMoeError, match="^unknown corpus 'v9'; allowed: v1, v2$"):
+        TrainConfig(corpus="v9").check()
+    small = dict(steps=4, batch_size=2, seq_len=16)
+    v1, v2 = token_stream(TrainConfig(corpus="v1", **small)), token_stream(TrainConfig(**small))
+    assert TrainConfig().corpus == synthetic.CORPUS == "v2" and not torch.equal(v1, v2)
+    # v1's stream is the one the corpus drew before versions: its first document, packed after <s>
+    doc = synthetic.make_corpus(0, 200, weights={"language": 1, "patterns": 1, "arithmetic": 2}, corpus="v1")
+    order = torch.randperm(len(doc), generator=torch.Generator().manual_seed(0)).tolist()
+    first = [synthetic.BOS_ID] + [synthetic.VOCAB[w] for w in doc[order[0]]["text"].split()]
+    assert v1.flatten()[:len(first)].tolist() == first[:v1.numel()]
+    assert main(["make-corpus", "--corpus", "v1", "--docs-per-family", "1", "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert main(["train", "--out", str(tmp_path / "m"), "--corpus", "v3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown corpus 'v3'; allowed: v1, v2" in err and err.count("\n") == 1 and not (tmp_path / "m").exists()
+
+
 def test_existing_output_needs_overwrite(trained, capsys):
     out, _ = trained
     assert main(["train", "--out", str(out), "--steps", "1"]) == 2

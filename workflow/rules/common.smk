@@ -66,10 +66,19 @@ for _where, _name in [*((f"models.{m}.backend", s.get("backend")) for m, s in co
 # version fails here, not in a job. Other `tasks` values (lm-eval names, task YAML paths) are checked by the eval job.
 from alloc_moe.data.tasks import EMBEDDED_NAMES
 
+CORPUS = config.get("corpus", "v2")  # the synthetic corpus of trained models, synthetic calibration and held-out text
+
 for _m, _s in config["models"].items():
     for _t in str(_s.get("tasks", "embedded")).split(","):
         if _t.strip().startswith("embedded") and _t.strip() not in EMBEDDED_NAMES:
             config_fail(f"models.{_m}.tasks: unknown embedded task suite {_t.strip()!r} (allowed: {', '.join(EMBEDDED_NAMES)})")
+        if "train" in _s and _t.strip() in EMBEDDED_NAMES:
+            from alloc_moe.data.tasks.embedded import REQUIRES_CORPUS, version_of
+
+            _need = REQUIRES_CORPUS.get(version_of(_t.strip()))
+            if _need is not None and _need != CORPUS:
+                config_fail(f"models.{_m}.tasks: {_t.strip()} asks about corpus {_need}'s world, but corpus is "
+                            f"{CORPUS} (set corpus: {_need}, or tasks: embedded-v2 for corpus {CORPUS})")
 
 # Rules call the `alloc-moe` console script; make the one next to this Python first on PATH (a venv that is not
 # activated). Under --use-conda the env's own bin comes first. Not an `envvars:` case: nothing is required from the
@@ -278,7 +287,7 @@ def model_ref(run):
 # --- train / make-model arguments (rules/model.smk) ---
 
 def _train_args(wildcards):
-    spec = spec_of(wildcards.run)["train"]
+    spec = {**spec_of(wildcards.run)["train"], "corpus": CORPUS}
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spec.items())
 
 

@@ -5,13 +5,15 @@ rule calibration_set:
         name="balanced|language|structured",
     params:
         docs=CAL.get("docs_per_family", 40),
+        corpus=CORPUS,
         code=code("alloc_moe.data.synthetic"),
     log:
         "results/logs/calib_{name}.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe make-corpus --calibration-set {wildcards.name} --docs-per-family {params.docs} --out {output} > {log} 2>&1"
+        "alloc-moe make-corpus --calibration-set {wildcards.name} --docs-per-family {params.docs} --corpus {params.corpus} "
+        "--out {output} > {log} 2>&1"
 
 
 rule heldout_text:
@@ -19,13 +21,15 @@ rule heldout_text:
         "results/data/heldout.jsonl",
     params:
         docs=EVAL.get("docs_per_family", 20),
+        corpus=CORPUS,
         code=code("alloc_moe.data.synthetic"),
     log:
         "results/logs/heldout_text.log",
     conda:
         "../../envs/alloc-moe.yaml"
     shell:
-        "alloc-moe make-corpus --seed 7 --split heldout --docs-per-family {params.docs} --out {output} > {log} 2>&1"
+        "alloc-moe make-corpus --seed 7 --split heldout --docs-per-family {params.docs} --corpus {params.corpus} "
+        "--out {output} > {log} 2>&1"
 
 
 # One folder per suite version (embedded-v1, embedded-v2; `tasks: embedded` means the current one, common.smk).

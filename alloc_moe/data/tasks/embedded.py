@@ -1,9 +1,11 @@
 """The `embedded` task suite: multiple-choice (loglikelihood) and generation tasks on held-out synthetic items.
 
-Versioned (`VERSIONS`): `embedded` = the current version, v2; `embedded-v1` / `embedded-v2` name one. v2 keeps
+Versioned (`VERSIONS`): `embedded` = the current version, v3; `embedded-v1` .. `embedded-v3` name one. v2 keeps
 emb_sort (with more items, v1's first) and emb_digit and replaces the rest, to a rule decided from the original
 model's scores alone (docs/results/task-suite-v2.md): emb_minmax_all (Reasoning) and emb_arith_mc (Math); no NLU task
-met the rule, so v2 has no NLU group. `CANDIDATES` are every task tried for v2. The table below is v1:
+met the rule on the v1 corpus, so v2 has no NLU group. v3 (docs/results/task-suite-v3.md) is v2 plus an NLU task,
+emb_world: what corpus v2's world says (`synthetic.WORLD`) for a held-out question, so it needs a model trained on
+corpus v2 (`REQUIRES_CORPUS`). `CANDIDATES` are every task tried for v2. The table below is v1:
 
 Three groups mirror the paper's (NLU / Reasoning / Math). Every item's question is held out from training and
 calibration text (`synthetic.is_heldout`), and items are unique by context. Answers are single tokens, so lm-eval
@@ -45,8 +47,13 @@ ITEMS_V1 = {"emb_agreement": 800, "emb_selection": 800, "emb_yesno": 800, "emb_r
 # (no NLU task met it on all three seeds: v2 has no NLU group). emb_sort and emb_digit are v1's, emb_sort with more
 # items (its first 800 are v1's).
 ITEMS_V2 = {"emb_sort": 1600, "emb_minmax_all": 1600, "emb_digit": 1200, "emb_arith_mc": 1200}
-VERSIONS = {1: ITEMS_V1, 2: ITEMS_V2}
-VERSION = 2
+# v3 (docs/results/task-suite-v3.md): v2 and emb_world, at R2's NLU count (0.0768 x 196^2 = 2950.3 -> 2951)
+ITEMS_V3 = {"emb_world": 2951, **ITEMS_V2}
+VERSIONS = {1: ITEMS_V1, 2: ITEMS_V2, 3: ITEMS_V3}
+VERSION = 3
+# suite version -> the corpus version (synthetic.CORPORA) its models must be trained on; others run on any
+REQUIRES_CORPUS = {3: "v2"}
+INTRODUCED = {"emb_world": 3}  # task -> the suite version that added it (its lm-eval metadata version); v2's: 2
 ITEMS = VERSIONS[VERSION]  # the current version's tasks and counts
 
 
@@ -63,6 +70,23 @@ def _selection(r):
     choices = [f["obj"] if c == f["cls"] else r.choice(syn.VERBS[c][2]) for c in classes]
     return {"context": f"{prefix['question']} {prefix['answer']} {f['question']}", "choices": choices,
             "gold": classes.index(f["cls"])}
+
+
+def _world(r):
+    """Knowledge (a SciQ counterpart): after one training statement of corpus v2, a held-out question 'det [adj]
+    noun verb'; the gold object is the world's (`synthetic.WORLD`), the choices the verb's four objects (chance 25).
+    The question form never appears in training text; the world's fact for its noun and verb does, 80% of the time."""
+    prefix = syn.draw(syn.fact_v2, r, "train")
+    while True:
+        num, cls = r.choice(["sg", "pl"]), r.choice(list(syn.VERBS))
+        det, noun = r.choice(syn.DET[num]), r.choice(syn.NOUN[num])
+        subj = f"{det} {noun}" if r.random() < 0.5 else f"{det} {r.choice(syn.ADJ)} {noun}"
+        sg, pl, objs = syn.VERBS[cls]
+        q = f"{subj} {sg if num == 'sg' else pl}"
+        if syn.is_heldout(q):
+            break
+    return {"context": f"{prefix['question']} {prefix['answer']} {q}", "choices": list(objs),
+            "gold": objs.index(syn.WORLD[(syn.LEMMA[noun], cls)])}
 
 
 def _yesno(r):
@@ -101,8 +125,8 @@ def _arith_gen(r):
 
 _MAKERS = {"emb_agreement": _agreement, "emb_selection": _selection, "emb_yesno": _yesno,
            "emb_reverse": _list_position("reverse"), "emb_sort": _list_position("sort"), "emb_minmax": _minmax,
-           "emb_digit": _digit, "emb_arith_gen": _arith_gen}
-_GROUP = {"emb_agreement": "NLU", "emb_selection": "NLU", "emb_yesno": "NLU", "emb_reverse": "Reasoning",
+           "emb_digit": _digit, "emb_arith_gen": _arith_gen, "emb_world": _world}
+_GROUP = {"emb_world": "NLU", "emb_agreement": "NLU", "emb_selection": "NLU", "emb_yesno": "NLU", "emb_reverse": "Reasoning",
           "emb_sort": "Reasoning", "emb_minmax": "Reasoning", "emb_digit": "Math", "emb_arith_gen": "Math"}
 
 
@@ -410,11 +434,13 @@ def task_config(task: str, data_file: str | Path, chance_points: float = 0.0, co
     """lm-eval task config for one embedded task reading `data_file` (jsonl, one item per line). Fields are named,
     not templated: lm-eval then reads them directly instead of compiling a jinja template per document (which cost
     more than the model's forward passes). lm-eval metadata version: 1.0 for a v1 task at its v1 item count `count`,
-    2.0 otherwise (a task new in v2, or a v1 task with more items)."""
+    the version of the suite that added it for a later task (`INTRODUCED`: 3.0 for emb_world), 2.0 otherwise (a task
+    new in v2, or a v1 task with more items)."""
     count = ITEMS_V1.get(task) if count is None else count
+    version = 1.0 if ITEMS_V1.get(task) == count else float(INTRODUCED.get(task, 2))
     cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
            "test_split": "test", "doc_to_text": "context", "num_fewshot": 0,
-           "metadata": {"version": 1.0 if ITEMS_V1.get(task) == count else 2.0, "group": _GROUP[task],
+           "metadata": {"version": version, "group": _GROUP[task],
                         "chance": round(chance_points, 4)}}
     if task in GENERATION:
         cfg.update(output_type="generate_until", doc_to_target="answer",
@@ -451,6 +477,23 @@ def write_suite(out_dir: str | Path, *, seed: int = SEED, items: dict | None = N
     atomic_write_text(out / "suite.json", json.dumps({"suite": suite_name(version), "version": version,
                                                       "tasks": list(tasks)}) + "\n")
     return written
+
+
+def check_model_corpus(version: int, model_dir: str | Path) -> None:
+    """One-line error when suite `version` needs a corpus (`REQUIRES_CORPUS`) that the model in `model_dir` was not
+    trained on. Only models `alloc-moe train` wrote are checked (their alloc_moe_train.json; one written before
+    corpus versions has no `corpus` and was trained on v1); any other model is taken as given."""
+    need = REQUIRES_CORPUS.get(version)
+    f = Path(model_dir) / "alloc_moe_train.json"
+    if need is None or not f.is_file():
+        return
+    try:
+        got = json.loads(f.read_text(encoding="utf-8"))["config"].get("corpus", "v1")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AllocMoeError(f"{f}: not a training summary ({type(e).__name__})") from None
+    if got != need:
+        raise AllocMoeError(f"{suite_name(version)} asks what corpus {need}'s world says, but {model_dir} was trained "
+                            f"on corpus {got}; evaluate it with embedded-v2 or train it with --corpus {need}")
 
 
 def suite_version_in(folder: str | Path) -> int | None:
