@@ -9,7 +9,9 @@ Effects and intervals (`alloc_moe.report.stats`):
   tasks) or for "mean" (the mean of the groups, as Tables 2-4 average them), over the training seeds both methods
   have; 95% percentile bootstrap interval, paired: the same resampled items for A and B (within each task; across
   seeds also the seeds). `se_paired` and `se_unpaired` show what pairing buys. Without per-item results (eval JSONs
-  written before they were kept) the effect comes from the task scores and there is no interval.
+  written before they were kept) the effect comes from the task scores and there is no interval. Items that ask
+  about the same thing are resampled as one cluster (`CLUSTERS`: emb_world's items by the world's fact they ask
+  about, 48 of them; labels from the suite's task files, `item_clusters`), with cluster-robust standard errors.
 - load-balance claims ("layers"): a metric of load_balance.csv over the MoE layers of one plan: its mean, with a
   percentile bootstrap interval over the layers, or its extreme layer (min / max, no interval).
 - latency claims ("latency"): a ratio of latency.csv's median speedups. Against the ideal, the interval is the
@@ -51,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data import synthetic
 from ..data.tasks import GROUPS
 from ..errors import AllocMoeError
 from . import stats
@@ -171,10 +174,42 @@ def load_entries(paths) -> list[Entry]:
     return out
 
 
-def _strata(a: Entry, b: Entry, group: str) -> tuple[list | None, float, int] | None:
-    """(strata of A - B in points with weights summing to 1, the effect from the task scores, items) for one group
+def _world_fact(item: dict) -> str:
+    """The fact an emb_world item asks about: its question's noun (singular) and verb class, e.g. 'cat eat'."""
+    noun, verb = item["context"].split()[-2:]
+    cls = next(c for c, (sg, pl, _) in synthetic.VERBS.items() if verb in (sg, pl))
+    return f"{synthetic.LEMMA[noun]} {cls}"
+
+
+# task -> the cluster of one of its items (a dict of its jsonl): items of a cluster ask about the same thing, so a
+# method that gets that thing wrong gets all of them wrong; they are resampled together
+CLUSTERS = {"emb_world": _world_fact}
+
+
+def item_clusters(folders) -> dict[str, list[str]]:
+    """{task: cluster label of each item, in document order} for the `CLUSTERS` tasks found as <task>.jsonl in the
+    task folders `folders` (an embedded suite's, results/tasks/<suite>); a task in several folders must agree."""
+    out: dict[str, list[str]] = {}
+    for folder in folders:
+        for task, key in CLUSTERS.items():
+            f = Path(folder) / f"{task}.jsonl"
+            if not f.is_file():
+                continue
+            try:
+                labels = [key(json.loads(line)) for line in f.read_text(encoding="utf-8").splitlines() if line]
+            except (ValueError, KeyError, StopIteration, TypeError):
+                raise AllocMoeError(f"{f}: not {task}'s items (cannot tell the fact an item asks about)") from None
+            if out.setdefault(task, labels) != labels:
+                raise AllocMoeError(f"{f}: other {task} items than in another task folder given")
+    return out
+
+
+def _strata(a: Entry, b: Entry, group: str, clusters: dict | None = None) -> tuple[list | None, float, int, set] | None:
+    """(strata of A - B in points with weights summing to 1, the effect from the task scores, items, the leaf tasks
+    resampled by cluster) for one group
     ("mean": the mean of the groups) of one seed; None if the two share no task there. Strata are None without
-    per-item results for every task."""
+    per-item results for every task. A leaf task in `clusters` (task -> label per item in document order) gets its
+    items' cluster labels (the first n: the eval's `limit` takes the first documents)."""
     tasks = sorted(t for t in a.values if t in b.values and a.groups[t] == b.groups.get(t))
     groups = sorted({a.groups[t] for t in tasks}) if group == "mean" else [group]
     by_group = {g: [t for t in tasks if a.groups[t] == g] for g in groups}
@@ -183,33 +218,42 @@ def _strata(a: Entry, b: Entry, group: str) -> tuple[list | None, float, int] | 
         return None
     weights = {t: 1.0 / len(by_group) / len(ts) for ts in by_group.values() for t in ts}
     point = sum(w * (a.values[t] - b.values[t]) for t, w in weights.items())
-    strata, n = [], 0
+    strata, n, clustered = [], 0, set()
     for t, w in weights.items():
         ia, ib = (a.items or {}).get(t), (b.items or {}).get(t)
         if not ia or not ib or sorted(ia) != sorted(ib) or any(len(ia[k]) != len(ib[k]) for k in ia):
-            return None, point, 0
+            return None, point, 0, set()
         for leaf in sorted(ia):
-            strata.append(stats.stratum(100.0 * np.asarray(ia[leaf]), 100.0 * np.asarray(ib[leaf]), w / len(ia)))
+            labels = (clusters or {}).get(leaf)
+            if labels is not None and len(labels) < len(ia[leaf]):
+                raise AllocMoeError(f"{leaf}: {len(ia[leaf])} per-item results but only {len(labels)} items in its "
+                                    f"task file: results of another suite?")
+            strata.append(stats.stratum(100.0 * np.asarray(ia[leaf]), 100.0 * np.asarray(ib[leaf]), w / len(ia),
+                                        None if labels is None else labels[:len(ia[leaf])]))
             n += len(ia[leaf])
-    return strata, point, n
+            clustered |= {leaf} if labels is not None else set()
+    return strata, point, n, clustered
 
 
-def compare(a_by_seed: dict, b_by_seed: dict, group: str) -> dict:
+def compare(a_by_seed: dict, b_by_seed: dict, group: str, clusters: dict | None = None) -> dict:
     """Effect, interval and standard errors of A - B (seed -> Entry each) for one group, over their common seeds."""
-    per_seed = {s: _strata(a_by_seed[s], b_by_seed[s], group) for s in sorted(set(a_by_seed) & set(b_by_seed))}
+    per_seed = {s: _strata(a_by_seed[s], b_by_seed[s], group, clusters)
+                for s in sorted(set(a_by_seed) & set(b_by_seed))}
     per_seed = {s: v for s, v in per_seed.items() if v is not None}
     if not per_seed:
         return {"effect": math.nan, "seeds": 0, "test": "no common tasks"}
     k = len(per_seed)
-    out = {"seeds": k, "n_items": max(n for _, _, n in per_seed.values())}
-    if any(st is None for st, _, _ in per_seed.values()):
-        return out | {"effect": sum(p for _, p, _ in per_seed.values()) / k, "test": "point: no per-item results",
+    out = {"seeds": k, "n_items": max(n for _, _, n, _ in per_seed.values())}
+    if any(st is None for st, _, _, _ in per_seed.values()):
+        return out | {"effect": sum(p for _, p, _, _ in per_seed.values()) / k, "test": "point: no per-item results",
                       "verdict": "unresolved (no per-item results)"}
-    scaled = [[s._replace(weight=s.weight / k) for s in st] for st, _, _ in per_seed.values()]
+    scaled = [[s._replace(weight=s.weight / k) for s in st] for st, _, _, _ in per_seed.values()]
     flat = [s for st in scaled for s in st]
+    clustered = sorted(set().union(*(c for _, _, _, c in per_seed.values())))
     return out | {"effect": stats.effect(flat), "ci": stats.bootstrap_interval(scaled),
                   "se_paired": stats.paired_se(flat), "se_unpaired": stats.unpaired_se(flat),
-                  "test": "paired bootstrap over items" + (" and seeds" if k > 1 else "")}
+                  "test": "paired bootstrap over items" + (" and seeds" if k > 1 else "")
+                  + (f" ({', '.join(clustered)}: over the facts asked)" if clustered else "")}
 
 
 # ---- the pairs each claim compares ------------------------------------------------------------------------------
@@ -242,7 +286,8 @@ def _pairs(c: Claim, entries: list[Entry], k_base: int, calibration: str):
                     yield model, budget, f"{cal} vs {calibration}", _by_seed([e for e in ls if e.calibration == cal]), b
 
 
-def accuracy_rows(c: Claim, entries: list[Entry], k_base: int, calibration: str) -> list[dict]:
+def accuracy_rows(c: Claim, entries: list[Entry], k_base: int, calibration: str,
+                  clusters: dict | None = None) -> list[dict]:
     rows = []
     for model, budget, comparison, a, b in _pairs(c, entries, k_base, calibration):
         key = {"model": model, "budget": budget, "comparison": comparison}
@@ -251,7 +296,7 @@ def accuracy_rows(c: Claim, entries: list[Entry], k_base: int, calibration: str)
             rows.append(key | {"group": "", "effect": math.nan, "seeds": 0, "test": f"{missing} not evaluated"})
             continue
         present = {g for e in (*a.values(), *b.values()) for g in e.groups.values()}  # the suite's groups
-        rows += [key | {"group": group, **compare(a, b, group)} for group in c.groups
+        rows += [key | {"group": group, **compare(a, b, group, clusters)} for group in c.groups
                  if group == "mean" or group in present]  # a group the suite lacks (embedded v2: NLU) has no row
     return rows
 
@@ -324,9 +369,10 @@ def latency_rows(c: Claim, lat: pd.DataFrame | None, k_base: int, calibration: s
 
 
 def claims_table(evals, *, k_base: int, calibration: str, latency: pd.DataFrame | None = None,
-                 load_balance: pd.DataFrame | None = None) -> pd.DataFrame:
+                 load_balance: pd.DataFrame | None = None, clusters: dict | None = None) -> pd.DataFrame:
     """Every claim of `CLAIMS` on the eval JSONs `evals` (files or directories) and the latency / load-balance
-    tables (None: not measured): the COLUMNS of claims.csv, byte-stable order."""
+    tables (None: not measured), with `clusters` (`item_clusters`; None: every item independent): the COLUMNS of
+    claims.csv, byte-stable order."""
     entries = load_entries(evals)
     out = []
     for c in CLAIMS:
@@ -335,7 +381,7 @@ def claims_table(evals, *, k_base: int, calibration: str, latency: pd.DataFrame 
         elif c.kind == "latency":
             rows = latency_rows(c, latency, k_base, calibration)
         else:
-            rows = accuracy_rows(c, entries, k_base, calibration)
+            rows = accuracy_rows(c, entries, k_base, calibration, clusters)
         if not rows:
             rows = [{"model": "", "budget": math.nan, "group": "", "comparison": "", "effect": math.nan, "seeds": 0,
                      "test": "no data"}]

@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from alloc_moe.errors import AllocMoeError
 from alloc_moe.report.claims import CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, verdict
 from alloc_moe.report.summary import eval_files, write_csv
 
@@ -114,6 +115,47 @@ def test_unresolved_when_the_difference_is_within_the_noise(tmp_path):
     r = _row(claims_table([d], k_base=1, calibration="cal"), "fig3-alloc-moe-vs-baselines", group="Math",
              comparison="Alloc-MoE vs Uniform")
     assert r.effect == pytest.approx(1.0) and r.ci_low < 0 < r.ci_high and r.verdict == "unresolved"
+
+
+def test_clustered_items_are_resampled_by_the_fact_they_ask_about(tmp_path):
+    """emb_world's items are clustered by the world's fact they ask about (labels from the suite's task file): the
+    same per-item results then give a wider interval, and the test column says so."""
+    from alloc_moe.data.tasks import embedded
+    from alloc_moe.report.claims import item_clusters
+
+    suite = tmp_path / "tasks"
+    embedded.write_suite(suite, version=3, items={t: 100 for t in embedded.ITEMS_V3})
+    clusters = item_clusters([suite, tmp_path / "no-such-folder"])
+    facts = clusters["emb_world"]
+    assert list(clusters) == ["emb_world"] and len(facts) == 100 and 20 <= len(set(facts)) <= 48
+    items = [json.loads(x) for x in (suite / "emb_world.jsonl").read_text().splitlines()]
+    from alloc_moe.data import synthetic as syn
+
+    for it, f in zip(items, facts):  # every item of a fact has the world's same answer
+        noun, cls = f.split()
+        assert it["choices"][it["gold"]] == syn.WORLD[(noun, cls)]
+    # A right on every item of the first 5 facts, B wrong there; elsewhere both alike
+    bad = set(sorted(set(facts))[:5])
+    a = [1 if f in bad else i % 2 for i, f in enumerate(facts)]
+    b = [0 if f in bad else i % 2 for i, f in enumerate(facts)]
+    d = tmp_path / "e"
+    d.mkdir()
+    TASKS["emb_world"] = "NLU"
+    try:
+        _write(d, "Uniform", 4, {"emb_world": b})
+        _write(d, "Alloc-MoE", 4, {"emb_world": a})
+        kw = dict(k_base=1, calibration="cal")
+        pick = dict(group="NLU", comparison="Alloc-MoE vs Uniform")
+        plain = _row(claims_table([d], **kw), "fig3-alloc-moe-vs-baselines", **pick)
+        clus = _row(claims_table([d], **kw, clusters=clusters), "fig3-alloc-moe-vs-baselines", **pick)
+    finally:
+        del TASKS["emb_world"]
+    assert plain.effect == clus.effect == pytest.approx(100 * sum(f in bad for f in facts) / 100)
+    assert clus.se_paired > 1.5 * plain.se_paired and clus.ci_high - clus.ci_low > 1.5 * (plain.ci_high - plain.ci_low)
+    assert clus.test == "paired bootstrap over items (emb_world: over the facts asked)"
+    assert plain.test == "paired bootstrap over items"
+    with pytest.raises(AllocMoeError, match="emb_world: 100 per-item results but only 50 items in its task file"):
+        claims_table([d], **kw, clusters={"emb_world": facts[:50]})
 
 
 def test_seeds_are_paired_and_resampled(tmp_path):

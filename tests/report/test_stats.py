@@ -111,3 +111,40 @@ def test_interval_invariant_to_item_order_and_within_the_range(pairs, random):
 def test_deterministic_per_seed():
     s = [[stratum([1, 0, 1, 0, 1], [0, 0, 1, 1, 0])]]
     assert bootstrap_interval(s, seed=5) == bootstrap_interval(s, seed=5)
+
+
+# ---- clustered items (emb_world's items by the fact they ask about) ----------------------------------------------
+def test_cluster_robust_se_hand_computed_and_one_item_per_cluster_is_the_plain_se():
+    # d = a - b = [1, 1, 0, 0, 2, 0]; clusters x: items 0-1, y: 2-3, z: 4-5; mean 4/6
+    a, b = [1, 1, 0, 0, 2, 1], [0, 0, 0, 0, 0, 1]
+    s = stratum(a, b, cluster=["x", "x", "y", "y", "z", "z"])
+    m = 4 / 6
+    u = [2 - 2 * m, 0 - 2 * m, 2 - 2 * m]  # each cluster's summed deviation
+    assert paired_se([s]) == pytest.approx(np.sqrt(3 / 2 * sum(x * x for x in u) / 36))
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    plain, single = stratum(a, b), stratum(a, b, cluster=range(50))
+    assert paired_se([single]) == pytest.approx(paired_se([plain]))
+    assert unpaired_se([single]) == pytest.approx(unpaired_se([plain]))
+    lo, hi = bootstrap_interval([[single]], n_resamples=20000)
+    plo, phi = bootstrap_interval([[plain]], n_resamples=20000)
+    assert lo == pytest.approx(plo, abs=2.5) and hi == pytest.approx(phi, abs=2.5)  # same distribution, other draws
+
+
+def test_items_copied_within_clusters_add_no_information():
+    """Each of 40 pairs copied 10 times: as 400 independent items the SE is ~sqrt(10) too small; as 40 clusters it
+    is the SE of the 40 distinct items (up to the G / (G - 1) correction), and so is the bootstrap's width."""
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 2, 40).astype(float), rng.integers(0, 2, 40).astype(float)
+    base = stratum(a, b)
+    rep = stratum(np.repeat(a, 10), np.repeat(b, 10))
+    clus = stratum(np.repeat(a, 10), np.repeat(b, 10), cluster=np.repeat(np.arange(40), 10))
+    assert paired_se([rep]) < 0.35 * paired_se([base])
+    assert paired_se([clus]) == pytest.approx(paired_se([base]), rel=1e-9)
+    w = lambda s: np.subtract(*bootstrap_interval([[s]], n_resamples=20000)[::-1])
+    assert w(clus) == pytest.approx(w(base), rel=0.1) and w(rep) < 0.5 * w(base)
+
+
+def test_cluster_labels_must_match_the_items():
+    with pytest.raises(AllocMoeError, match="^give one cluster label per item: 2 labels for 3 items$"):
+        stratum([1, 0, 1], [0, 0, 1], cluster=["a", "b"])

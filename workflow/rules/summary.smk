@@ -30,6 +30,7 @@ rule claims:
         evals=rules.summarize.input,
         latency="results/summary/latency.csv",
         load_balance="results/summary/load_balance.csv",
+        tasks=lambda wc: sorted({f"results/tasks/{s}" for r in RUNS if (s := embedded_suite(r))}),  # item clusters
     output:
         claims="results/summary/claims.csv",
         fidelity="results/summary/fidelity.md",
