@@ -10,7 +10,7 @@ Effects and intervals (`alloc_moe.report.stats`):
   have; 95% percentile bootstrap interval, paired: the same resampled items for A and B (within each task; across
   seeds also the seeds). `se_paired` and `se_unpaired` show what pairing buys. Without per-item results (eval JSONs
   written before they were kept) the effect comes from the task scores and there is no interval. Items that ask
-  about the same thing are resampled as one cluster (`CLUSTERS`: emb_world's items by the world's fact they ask
+  about the same thing are resampled as one cluster (`embedded.CLUSTERS`: emb_world's items by the world's fact they ask
   about, 48 of them; labels from the suite's task files, `item_clusters`), with cluster-robust standard errors.
 - load-balance claims ("layers"): a metric of load_balance.csv over the MoE layers of one plan: its mean, with a
   percentile bootstrap interval over the layers, or its extreme layer (min / max, no interval).
@@ -53,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import synthetic
 from ..data.tasks import GROUPS
+from ..data.tasks.embedded import CLUSTERS
 from ..errors import AllocMoeError
 from . import stats
 from .summary import METHOD_NAMES, eval_files, method_names
@@ -172,18 +172,6 @@ def load_entries(paths) -> list[Entry]:
                          int(head["seed"]), {r["task"]: r["group"] for r in rows},
                          {r["task"]: float(r["value"]) for r in rows}, d.get("items")))
     return out
-
-
-def _world_fact(item: dict) -> str:
-    """The fact an emb_world item asks about: its question's noun (singular) and verb class, e.g. 'cat eat'."""
-    noun, verb = item["context"].split()[-2:]
-    cls = next(c for c, (sg, pl, _) in synthetic.VERBS.items() if verb in (sg, pl))
-    return f"{synthetic.LEMMA[noun]} {cls}"
-
-
-# task -> the cluster of one of its items (a dict of its jsonl): items of a cluster ask about the same thing, so a
-# method that gets that thing wrong gets all of them wrong; they are resampled together
-CLUSTERS = {"emb_world": _world_fact}
 
 
 def item_clusters(folders) -> dict[str, list[str]]:

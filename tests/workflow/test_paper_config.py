@@ -159,6 +159,21 @@ def test_embedded_default_requests_no_gpu(tmp_path):
     assert any(j["rule"] == "profile_lexi" for j in jobs)
 
 
+@pytest.mark.parametrize("corpus", ["v1", "v2"])
+def test_corpus_reaches_training_calibration_and_heldout_text(corpus, tmp_path):
+    """`corpus:` decides the text of every job that draws the synthetic corpus: the training stream, each synthetic
+    calibration set and the held-out text (v1 with the suite that runs on it, v2 the default)."""
+    (tmp_path / "over.yaml").write_text("corpus: v1\nmodels: {embedded: {tasks: embedded-v2}}\n" if corpus == "v1" else "{}\n")
+    res = snakemake_over_default(tmp_path / "work", [tmp_path / "over.yaml"], "-n", "--printshellcmds")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cmds = {}
+    for j in _job_listing(res.stdout):
+        cmds.setdefault(j["rule"], []).append(j["shell"])
+    drawn = cmds["train"] + cmds["calibration_set"] + cmds["heldout_text"]
+    assert len(cmds["calibration_set"]) == 3 and len(cmds["train"]) == len(cmds["heldout_text"]) == 1
+    assert all(f" --corpus {corpus} " in c for c in drawn), drawn
+
+
 def test_vllm_settings_reach_eval_and_latency_with_model_overrides(tmp_path):
     """The `vllm:` config key (smoke.yaml: graphs, 0.85 of the GPU memory, Triton MoE) reaches every vLLM eval and
     latency job as CLI options, a model's own `vllm:` over it key by key; accuracy jobs checkpoint per plan."""

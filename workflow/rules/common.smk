@@ -65,6 +65,7 @@ for _where, _name in [*((f"models.{m}.backend", s.get("backend")) for m, s in co
 # Embedded task suites are versioned (`embedded` = the current version, `embedded-v<n>` one version): a misspelt
 # version fails here, not in a job. Other `tasks` values (lm-eval names, task YAML paths) are checked by the eval job.
 from alloc_moe.data.tasks import EMBEDDED_NAMES
+from alloc_moe.data.tasks.embedded import REQUIRES_CORPUS, version_of
 
 CORPUS = config.get("corpus", "v2")  # the synthetic corpus of trained models, synthetic calibration and held-out text
 
@@ -73,8 +74,6 @@ for _m, _s in config["models"].items():
         if _t.strip().startswith("embedded") and _t.strip() not in EMBEDDED_NAMES:
             config_fail(f"models.{_m}.tasks: unknown embedded task suite {_t.strip()!r} (allowed: {', '.join(EMBEDDED_NAMES)})")
         if "train" in _s and _t.strip() in EMBEDDED_NAMES:
-            from alloc_moe.data.tasks.embedded import REQUIRES_CORPUS, version_of
-
             _need = REQUIRES_CORPUS.get(version_of(_t.strip()))
             if _need is not None and _need != CORPUS:
                 config_fail(f"models.{_m}.tasks: {_t.strip()} asks about corpus {_need}'s world, but corpus is "

@@ -89,6 +89,18 @@ def _world(r):
             "gold": objs.index(syn.WORLD[(syn.LEMMA[noun], cls)])}
 
 
+def _world_fact(item: dict) -> str:
+    """The fact an emb_world item asks about: its question's noun (singular) and verb class, e.g. 'cat eat'."""
+    noun, verb = item["context"].split()[-2:]
+    cls = next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))
+    return f"{syn.LEMMA[noun]} {cls}"
+
+
+# task -> the cluster of one of its items (a dict of its jsonl): items of a cluster ask about the same thing, so a
+# method that gets that thing wrong gets all of them wrong; the claims table resamples them together
+CLUSTERS = {"emb_world": _world_fact}
+
+
 def _yesno(r):
     f = syn.draw(syn.yesno, r, "heldout")
     return {"context": f["question"], "choices": ["yes", "no"], "gold": 0 if f["answer"].startswith("yes") else 1}
