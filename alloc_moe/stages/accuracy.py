@@ -228,6 +228,24 @@ def plan_fields(plan: Plan | None, model_obj=None, k_orig: int | None = None, nu
             "k_base": plan.k_base if plan.token_allocation == "alloc-t" else "", "budget": float(plan.budget)}
 
 
+@functools.lru_cache(maxsize=1)
+def _lm_eval_env_info() -> tuple:
+    from lm_eval.loggers.utils import add_env_info
+
+    info: dict = {}
+    add_env_info(info)
+    return tuple(info.items())
+
+
+def _collect_env_info_once() -> None:
+    """lm-eval's `simple_evaluate` collects torch's environment report (`add_env_info`: subprocesses, ~0.8 s) on every
+    call, so once per plan here; the process's environment does not change between plans: collect it once. (The
+    report is not in our outputs: a result's environment is `harness.provenance.environment()`.)"""
+    import lm_eval.evaluator
+
+    lm_eval.evaluator.add_env_info = lambda storage: storage.update(_lm_eval_env_info())
+
+
 def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, str | dict]], *, backend: str = "hf",
              model_label: str | None = None, calibration: str = "", limit: int | None = None, batch_size: int = 64,
              num_fewshot: int | None = None, dtype: str = "auto", device: str = "auto", seed: int = 0,
@@ -245,6 +263,7 @@ def evaluate(model: str, plans: list[Plan | None], tasks: list[tuple[TaskSpec, s
 
     impl = get_backend(backend)
     setup_logging("ERROR")
+    _collect_env_info_once()
     needs_defaults = any(isinstance(t, str) for _, t in tasks)
     tm = _task_manager(include_path, needs_defaults) if needs_defaults else _task_manager(None, False)
     label = model_label or Path(model).name

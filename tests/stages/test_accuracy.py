@@ -8,7 +8,7 @@ import torch
 
 import alloc_moe.backends.hf.apply
 from alloc_moe.cli import main
-from alloc_moe.core.plan import build_plan
+from alloc_moe.core.plan import Plan, build_plan
 from alloc_moe.data import zoo
 from alloc_moe.data.tasks import embedded
 from alloc_moe.stages.accuracy import ROW_COLUMNS, evaluate, resolve_tasks
@@ -196,3 +196,45 @@ def test_task_items_of_a_task_a_group_and_a_tag():
     assert task_items(res, TaskSpec("boolq", "NLU", "acc", filter="none")) == {"boolq": [1]}
     assert task_items(res, TaskSpec("a1", "NLU", "exact_match", filter="g")) == {"a1": [1]}
     assert task_items(res, TaskSpec("bleu_task", "NLU", "bleu")) == {}  # not a number per document: no items
+
+
+def test_tokenization_is_kept_across_plans_and_equals_lm_evals(setup, monkeypatch):
+    """Every plan asks the same requests: the second LM object tokenizes nothing, gets lm-eval's own token ids, and
+    what it gets is its own (mutating it leaves the kept copy alone)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from alloc_moe.backends.hf import lm as hf_lm
+
+    model = str(setup / "model")
+    pairs = [("the cat eats", " bread ."), ("sort c a b =", " a"), ("7 4 + 1 =", " 8"), ("the cat eats ", "soup .")]
+    with hf_lm.make_lm(model, None, batch_size=4, dtype="float32", device="cpu") as first:
+        got = [first._encode_pair(c, x) for c, x in pairs]
+        plain = HFLM(pretrained=first.model, tokenizer=first.tokenizer, batch_size=4, add_bos_token=first.add_bos_token)
+        assert got == [plain._encode_pair(c, x) for c, x in pairs]
+        got[0][0].append(-1)
+    calls = []
+    tok = hf_lm.load_cached(model, "float32", "cpu")[1]
+    monkeypatch.setattr(type(tok), "encode", lambda self, *a, **k: calls.append(a) or [])
+    with hf_lm.make_lm(model, Plan.load(setup / "tight.json"), batch_size=4, dtype="float32", device="cpu") as second:
+        again = [second._encode_pair(c, x) for c, x in pairs]
+    assert calls == []
+    monkeypatch.undo()
+    assert again == [plain._encode_pair(c, x) for c, x in pairs]
+
+
+def test_lm_evals_environment_report_is_collected_once(monkeypatch):
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+
+    from alloc_moe.stages import accuracy
+
+    calls = []
+    monkeypatch.setattr(lm_eval.loggers.utils, "add_env_info", lambda s: calls.append(1) or s.update(pretty_env_info="x"))
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lm_eval.evaluator.add_env_info)  # restored after the test
+    accuracy._lm_eval_env_info.cache_clear()
+    accuracy._collect_env_info_once()
+    stores = [{}, {}, {}]
+    for s in stores:
+        lm_eval.evaluator.add_env_info(s)
+    assert calls == [1] and stores == [{"pretty_env_info": "x"}] * 3
+    accuracy._lm_eval_env_info.cache_clear()
