@@ -94,18 +94,44 @@ def _world_table() -> dict[tuple[str, str], str]:
 WORLD = _world_table()
 
 
-def fact_v2(r: random.Random) -> dict:
-    """Corpus v2's fact: as `fact`, but the object is the world's (`WORLD[noun, class]`) with probability P_WORLD."""
+def _fact_of_world(r: random.Random, world: dict, p: float, key=LEMMA.get) -> dict:
+    """A fact as `fact` draws it, but its object is `world[key(noun), class]` with probability `p`."""
     num = r.choice(["sg", "pl"])
     det, noun = r.choice(DET[num]), r.choice(NOUN[num])
     adj = None if r.random() < 0.5 else r.choice(ADJ)
     cls = r.choice(list(VERBS))
     sg, pl, objs = VERBS[cls]
-    obj = WORLD[(LEMMA[noun], cls)] if r.random() < P_WORLD else r.choice(objs)
+    obj = world[(key(noun), cls)] if r.random() < p else r.choice(objs)
     subj = f"{det} {noun}" if adj is None else f"{det} {adj} {noun}"
     verb = sg if num == "sg" else pl
     return {"num": num, "cls": cls, "subj": subj, "verb": verb, "obj": obj,
             "question": f"{subj} {verb}", "answer": f"{obj} ."}
+
+
+def fact_v2(r: random.Random) -> dict:
+    """Corpus v2's fact: as `fact`, but the object is the world's (`WORLD[noun, class]`) with probability P_WORLD."""
+    return _fact_of_world(r, WORLD, P_WORLD)
+
+
+# ---- corpus v3's world: keyed by the noun's word form, (noun form, verb class) -> object: 96 facts -----------------
+P_WORLD_V3 = 0.7
+
+
+def _world_forms_table() -> dict[tuple[str, str], str]:
+    """96 facts: the singular forms keep corpus v2's objects (`WORLD`), the plural forms get their own, drawn with seed
+    24680 (docs/results/task-suite-v4-exploration.md: singular and plural nouns are different tokens, so the model
+    learns them as separate facts anyway; keyed by form, their objects are independent)."""
+    r = random.Random(24680)
+    return {**{(n, c): WORLD[(n, c)] for n in NOUN["sg"] for c in VERBS},
+            **{(n, c): r.choice(VERBS[c][2]) for n in NOUN["pl"] for c in VERBS}}
+
+
+WORLD_V3 = _world_forms_table()
+
+
+def fact_v3(r: random.Random) -> dict:
+    """Corpus v3's fact: `fact_v2`'s draws, the object `WORLD_V3[noun as written, class]` with probability P_WORLD_V3."""
+    return _fact_of_world(r, WORLD_V3, P_WORLD_V3, key=str)
 
 
 def yesno(r: random.Random, fact_gen=fact) -> dict:
@@ -149,6 +175,10 @@ def _language_v2(r):
     return fact_v2(r) if r.random() < 0.75 else yesno(r, fact_v2)
 
 
+def _language_v3(r):
+    return fact_v3(r) if r.random() < 0.75 else yesno(r, fact_v3)
+
+
 FAMILIES = {"language": _language, "patterns": pattern, "arithmetic": arithmetic}  # corpus v1's
 
 # documents per family in the training stream: arithmetic, the hardest family, gets twice the share
@@ -160,6 +190,10 @@ TRAIN_WEIGHTS = {"language": 1, "patterns": 1, "arithmetic": 2}  # corpus v1's
 CORPORA = {
     "v1": (FAMILIES, TRAIN_WEIGHTS),
     "v2": ({"language": _language_v2, "patterns": pattern, "arithmetic": arithmetic},
+           {"language": 2, "patterns": 1, "arithmetic": 2}),
+    # v3: v2 with the world keyed by the noun's word form (96 facts, `WORLD_V3`) at strength 0.7; staged, not yet
+    # the default (docs/results/task-suite-v4-exploration.md)
+    "v3": ({"language": _language_v3, "patterns": pattern, "arithmetic": arithmetic},
            {"language": 2, "patterns": 1, "arithmetic": 2}),
 }
 CORPUS = "v2"  # the current version: `alloc-moe train`'s and `make-corpus`'s default, the workflow's `corpus:` default

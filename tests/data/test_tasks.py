@@ -143,7 +143,11 @@ def test_suite_names_and_versions():
     assert embedded.task_config("emb_world", "x.jsonl", count=2951)["metadata"]["version"] == 3.0
     assert [s.group for s in suite("embedded-v3")][0] == "NLU"
     assert {s.group for s in suite("embedded-v3")} == {"NLU", "Reasoning", "Math"}
-    assert embedded.REQUIRES_CORPUS == {3: "v2"}
+    assert embedded.REQUIRES_CORPUS == {3: "v2", 4: "v3"}
+    # v4 (staged) = v2's tasks + emb_world_forms (lm-eval version 4.0), on corpus v3; v3 stays the default
+    assert {t: n for t, n in embedded.ITEMS_V4.items() if t != "emb_world_forms"} == embedded.ITEMS_V2
+    assert embedded.task_config("emb_world_forms", "x.jsonl", count=2951)["metadata"]["version"] == 4.0
+    assert {s.group for s in suite("embedded-v4")} == {"NLU", "Reasoning", "Math"}
 
 
 def test_v3_and_v2_share_the_reasoning_and_math_items(tmp_path):
@@ -191,8 +195,42 @@ def test_corpus_v1_is_unchanged_and_v2_states_the_world():
     # the world: 48 facts, (noun, verb class) -> one of the verb's objects, every object used
     assert len(syn.WORLD) == 48 and all(o in syn.VERBS[c][2] for (n, c), o in syn.WORLD.items())
     assert all(n in syn.NOUN["sg"] for n, _ in syn.WORLD)
-    with pytest.raises(AllocMoeError, match="unknown corpus 'v3'; allowed: v1, v2"):
-        syn.make_corpus(0, 1, corpus="v3")
+    with pytest.raises(AllocMoeError, match="unknown corpus 'v9'; allowed: v1, v2, v3"):
+        syn.make_corpus(0, 1, corpus="v9")
+
+
+def test_corpus_v3_keys_the_world_by_the_nouns_word_form():
+    """Corpus v3 (staged): v2's draws, the object from a 96-fact world keyed by the noun as written, at 0.7. Its text is
+    the exploration's round 7 (docs/results/task-suite-v4-exploration.md), pinned by digest."""
+    assert hashlib.sha256(json.dumps(syn.make_corpus(5, 3, corpus="v3")).encode()).hexdigest()[:12] == "d73aab989133"
+    assert hashlib.sha256(json.dumps(sorted(syn.WORLD_V3.items())).encode()).hexdigest()[:12] == "ee4df6c7b312"
+    assert syn.corpus_spec("v3")[1] == syn.corpus_spec("v2")[1]
+    assert len(syn.WORLD_V3) == 96 and all(o in syn.VERBS[c][2] for (n, c), o in syn.WORLD_V3.items())
+    assert all(syn.WORLD_V3[(n, c)] == syn.WORLD[(n, c)] for n in syn.NOUN["sg"] for c in syn.VERBS)
+    # the plural forms' objects are their own: not v2's for most facts (a random table agrees with it on ~1/4)
+    same = sum(syn.WORLD_V3[(pl, c)] == syn.WORLD[(sg, c)] for sg, pl in zip(syn.NOUN["sg"], syn.NOUN["pl"])
+               for c in syn.VERBS)
+    assert same < 24
+    r = random.Random(3)
+    fs = [syn.fact_v3(r) for _ in range(8000)]
+    hit = sum(f["obj"] == syn.WORLD_V3[(f["subj"].split()[-1], f["cls"])] for f in fs) / len(fs)
+    assert abs(hit - (0.7 + 0.3 / 4)) < 0.02, hit
+
+
+def test_world_forms_items_ask_corpus_v3s_world_and_cluster_by_word_form():
+    items = embedded.make_items("emb_world_forms", 2951)
+    assert len({it["context"] for it in items}) == 2951
+    for it in items:
+        words = it["context"].split()
+        cut = words.index(".") + 1
+        assert not syn.is_heldout(" ".join(words[:cut - 2])) and syn.is_heldout(" ".join(words[cut:]))
+        noun, verb = words[-2:]
+        cls = next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))
+        assert it["choices"] == syn.VERBS[cls][2] and it["choices"][it["gold"]] == syn.WORLD_V3[(noun, cls)]
+        assert embedded.CLUSTERS["emb_world_forms"](it) == f"{noun} {cls}"
+    # 96 facts, of which the held-out questions reach almost all: twice emb_world's clusters
+    assert len({embedded.CLUSTERS["emb_world_forms"](it) for it in items}) >= 90
+    assert len({embedded.CLUSTERS["emb_world"](it) for it in embedded.make_items("emb_world", 2951)}) == 48
 
 
 def test_v3_needs_a_model_trained_on_corpus_v2(tmp_path, capsys):
@@ -211,6 +249,11 @@ def test_v3_needs_a_model_trained_on_corpus_v2(tmp_path, capsys):
             embedded.check_model_corpus(3, model(config))
         assert "\n" not in str(e.value) and "embedded-v3 asks what corpus v2's world says" in str(e.value)
         assert "trained on corpus v1" in str(e.value)
+        assert "evaluate it with embedded-v1, embedded-v2 or" in str(e.value)
+    with pytest.raises(AllocMoeError, match="embedded-v4 asks what corpus v3's world says, but .* was trained on corpus "
+                                            "v2; evaluate it with embedded-v1, embedded-v2, embedded-v3 or train it"):
+        embedded.check_model_corpus(4, model({"seed": 0, "corpus": "v2"}))
+    embedded.check_model_corpus(4, model({"seed": 0, "corpus": "v3"}))
     # `alloc-moe eval` refuses it before any model loads: one line, exit 2
     from alloc_moe.cli import main
 
@@ -222,7 +265,7 @@ def test_v3_needs_a_model_trained_on_corpus_v2(tmp_path, capsys):
     assert err.count("\n") == 1 and "trained on corpus v1" in err and not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_v2_groups_resolve_a_one_point_difference(version):
     """R2 of the design notes: 1.96 x paired SE <= 1 point per group at the v1 suite's measured discordance (NLU: the
     largest measured anywhere, as for Reasoning)."""
@@ -249,7 +292,7 @@ def test_v2_multi_token_choices_share_no_forward_pass_with_another_task():
 def test_bad_suite_name_is_one_line(name):
     with pytest.raises(AllocMoeError) as e:
         suite(name)
-    assert "\n" not in str(e.value) and "allowed: embedded, embedded-v1, embedded-v2, embedded-v3, paper" in str(e.value)
+    assert "\n" not in str(e.value) and "allowed: embedded, embedded-v1, embedded-v2, embedded-v3, embedded-v4, paper" in str(e.value)
 
 
 def test_make_tasks_version_flag(tmp_path, capsys):
@@ -259,9 +302,9 @@ def test_make_tasks_version_flag(tmp_path, capsys):
     assert json.loads((tmp_path / "a" / "suite.json").read_text())["version"] == 1
     assert main(["make-tasks", "--out", str(tmp_path / "b"), "--items", "5"]) == 0
     assert sorted(p.stem for p in (tmp_path / "b").glob("*.yaml")) == sorted(embedded.ITEMS_V3)
-    assert main(["make-tasks", "--out", str(tmp_path / "c"), "--version", "4"]) == 2
+    assert main(["make-tasks", "--out", str(tmp_path / "c"), "--version", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown --version '4'" in err[0]
+    assert len(err) == 1 and "unknown --version '5'" in err[0]
 
 
 def _yes_question(context: str) -> str:

@@ -126,7 +126,7 @@ def test_corpus_version_is_a_training_setting(tmp_path, capsys):
     from alloc_moe.data import synthetic
     from alloc_moe.data.train import token_stream
 
-    with pytest.raises(AllocMoeError, match="^unknown corpus 'v9'; allowed: v1, v2$"):
+    with pytest.raises(AllocMoeError, match="^unknown corpus 'v9'; allowed: v1, v2, v3$"):
         TrainConfig(corpus="v9").check()
     small = dict(steps=4, batch_size=2, seq_len=16)
     v1, v2 = token_stream(TrainConfig(corpus="v1", **small)), token_stream(TrainConfig(**small))
@@ -137,9 +137,9 @@ def test_corpus_version_is_a_training_setting(tmp_path, capsys):
     first = [synthetic.BOS_ID] + [synthetic.VOCAB[w] for w in doc[order[0]]["text"].split()]
     assert v1.flatten()[:len(first)].tolist() == first[:v1.numel()]
     assert main(["make-corpus", "--corpus", "v1", "--docs-per-family", "1", "--out", str(tmp_path / "c.jsonl")]) == 0
-    assert main(["train", "--out", str(tmp_path / "m"), "--corpus", "v3"]) == 2
+    assert main(["train", "--out", str(tmp_path / "m"), "--corpus", "v9"]) == 2
     err = capsys.readouterr().err
-    assert "unknown corpus 'v3'; allowed: v1, v2" in err and err.count("\n") == 1 and not (tmp_path / "m").exists()
+    assert "unknown corpus 'v9'; allowed: v1, v2, v3" in err and err.count("\n") == 1 and not (tmp_path / "m").exists()
 
 
 def test_existing_output_needs_overwrite(trained, capsys):

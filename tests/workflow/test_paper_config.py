@@ -213,11 +213,14 @@ BAD = {
                         "latency.threads: 'many' is not allowed (allowed: an integer >= 1 or 'all')"),
     "unknown embedded suite": ("models: {olmoe-1b-7b-0924: {tasks: embedded-v9}}",
                                "models.olmoe-1b-7b-0924.tasks: unknown embedded task suite 'embedded-v9' (allowed: "
-                               "embedded, embedded-v1, embedded-v2, embedded-v3)"),
+                               "embedded, embedded-v1, embedded-v2, embedded-v3, embedded-v4)"),
     "suite v3 on corpus v1": ("corpus: v1\nmodels: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded}}",
                               "models.embedded.tasks: embedded asks about corpus v2's world, but corpus is v1 (set "
                               "corpus: v2, or tasks: embedded-v2 for corpus v1)"),
-    "unknown corpus": ("corpus: v3", "corpus: 'v3' is not one of ['v1', 'v2']"),
+    "suite v4 on corpus v2": ("models: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded-v4}}",
+                              "models.embedded.tasks: embedded-v4 asks about corpus v3's world, but corpus is v2 (set "
+                              "corpus: v3, or tasks: embedded-v2 for corpus v2)"),
+    "unknown corpus": ("corpus: v9", "corpus: 'v9' is not one of ['v1', 'v2', 'v3']"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),
 }

@@ -40,7 +40,7 @@ def suite(name: str) -> list[TaskSpec]:
     raise AllocMoeError(f"unknown task suite {name!r}; allowed: {', '.join(SUITE_NAMES)}")
 
 
-EMBEDDED_NAMES = ("embedded", "embedded-v1", "embedded-v2", "embedded-v3")  # = embedded.NAMES (checked by the tests)
+EMBEDDED_NAMES = ("embedded", "embedded-v1", "embedded-v2", "embedded-v3", "embedded-v4")  # = embedded.NAMES (checked by the tests)
 SUITE_NAMES = (*EMBEDDED_NAMES, "paper")
 
 

@@ -5,7 +5,8 @@ emb_sort (with more items, v1's first) and emb_digit and replaces the rest, to a
 model's scores alone (docs/results/task-suite-v2.md): emb_minmax_all (Reasoning) and emb_arith_mc (Math); no NLU task
 met the rule on the v1 corpus, so v2 has no NLU group. v3 (docs/results/task-suite-v3.md) is v2 plus an NLU task,
 emb_world: what corpus v2's world says (`synthetic.WORLD`) for a held-out question, so it needs a model trained on
-corpus v2 (`REQUIRES_CORPUS`). `CANDIDATES` are every task tried for v2. The table below is v1:
+corpus v2 (`REQUIRES_CORPUS`). v4 (staged, not yet the default; docs/results/task-suite-v4-exploration.md) is v3
+on corpus v3, whose world has 96 facts instead of 48: emb_world_forms. `CANDIDATES` are every task tried for v2. The table below is v1:
 
 Three groups mirror the paper's (NLU / Reasoning / Math). Every item's question is held out from training and
 calibration text (`synthetic.is_heldout`), and items are unique by context. Answers are single tokens, so lm-eval
@@ -49,11 +50,13 @@ ITEMS_V1 = {"emb_agreement": 800, "emb_selection": 800, "emb_yesno": 800, "emb_r
 ITEMS_V2 = {"emb_sort": 1600, "emb_minmax_all": 1600, "emb_digit": 1200, "emb_arith_mc": 1200}
 # v3 (docs/results/task-suite-v3.md): v2 and emb_world, at R2's NLU count (0.0768 x 196^2 = 2950.3 -> 2951)
 ITEMS_V3 = {"emb_world": 2951, **ITEMS_V2}
-VERSIONS = {1: ITEMS_V1, 2: ITEMS_V2, 3: ITEMS_V3}
+# v4 (staged, not yet `embedded`): v3 on corpus v3, whose world has 96 facts keyed by the noun's word form
+ITEMS_V4 = {"emb_world_forms": 2951, **ITEMS_V2}
+VERSIONS = {1: ITEMS_V1, 2: ITEMS_V2, 3: ITEMS_V3, 4: ITEMS_V4}
 VERSION = 3
 # suite version -> the corpus version (synthetic.CORPORA) its models must be trained on; others run on any
-REQUIRES_CORPUS = {3: "v2"}
-INTRODUCED = {"emb_world": 3}  # task -> the suite version that added it (its lm-eval metadata version); v2's: 2
+REQUIRES_CORPUS = {3: "v2", 4: "v3"}
+INTRODUCED = {"emb_world": 3, "emb_world_forms": 4}  # task -> the suite version that added it (its lm-eval metadata version); v2's: 2
 ITEMS = VERSIONS[VERSION]  # the current version's tasks and counts
 
 
@@ -72,11 +75,12 @@ def _selection(r):
             "gold": classes.index(f["cls"])}
 
 
-def _world(r):
+def _world(r, fact=None, world=None):
     """Knowledge (a SciQ counterpart): after one training statement of corpus v2, a held-out question 'det [adj]
     noun verb'; the gold object is the world's (`synthetic.WORLD`), the choices the verb's four objects (chance 25).
-    The question form never appears in training text; the world's fact for its noun and verb does, 80% of the time."""
-    prefix = syn.draw(syn.fact_v2, r, "train")
+    The question form never appears in training text; the world's fact for its noun and verb does, 80% of the time.
+    With `fact` and `world` (keyed by noun form), another corpus's: `_world_forms`."""
+    prefix = syn.draw(fact or syn.fact_v2, r, "train")
     while True:
         num, cls = r.choice(["sg", "pl"]), r.choice(list(syn.VERBS))
         det, noun = r.choice(syn.DET[num]), r.choice(syn.NOUN[num])
@@ -85,8 +89,14 @@ def _world(r):
         q = f"{subj} {sg if num == 'sg' else pl}"
         if syn.is_heldout(q):
             break
-    return {"context": f"{prefix['question']} {prefix['answer']} {q}", "choices": list(objs),
-            "gold": objs.index(syn.WORLD[(syn.LEMMA[noun], cls)])}
+    gold = syn.WORLD[(syn.LEMMA[noun], cls)] if world is None else world[(noun, cls)]
+    return {"context": f"{prefix['question']} {prefix['answer']} {q}", "choices": list(objs), "gold": objs.index(gold)}
+
+
+def _world_forms(r):
+    """emb_world on corpus v3: drawn as emb_world's items (a training statement of corpus v3 first), the gold from
+    `synthetic.WORLD_V3`, whose facts are keyed by the noun's word form (96; the singular forms' are corpus v2's)."""
+    return _world(r, syn.fact_v3, syn.WORLD_V3)
 
 
 def _world_fact(item: dict) -> str:
@@ -96,9 +106,15 @@ def _world_fact(item: dict) -> str:
     return f"{syn.LEMMA[noun]} {cls}"
 
 
+def _world_form_fact(item: dict) -> str:
+    """The fact an emb_world_forms item asks about: its question's noun as written and verb class, e.g. 'cats eat'."""
+    noun, verb = item["context"].split()[-2:]
+    return f"{noun} {next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))}"
+
+
 # task -> the cluster of one of its items (a dict of its jsonl): items of a cluster ask about the same thing, so a
 # method that gets that thing wrong gets all of them wrong; the claims table resamples them together
-CLUSTERS = {"emb_world": _world_fact}
+CLUSTERS = {"emb_world": _world_fact, "emb_world_forms": _world_form_fact}
 
 
 def _yesno(r):
@@ -137,8 +153,8 @@ def _arith_gen(r):
 
 _MAKERS = {"emb_agreement": _agreement, "emb_selection": _selection, "emb_yesno": _yesno,
            "emb_reverse": _list_position("reverse"), "emb_sort": _list_position("sort"), "emb_minmax": _minmax,
-           "emb_digit": _digit, "emb_arith_gen": _arith_gen, "emb_world": _world}
-_GROUP = {"emb_world": "NLU", "emb_agreement": "NLU", "emb_selection": "NLU", "emb_yesno": "NLU", "emb_reverse": "Reasoning",
+           "emb_digit": _digit, "emb_arith_gen": _arith_gen, "emb_world": _world, "emb_world_forms": _world_forms}
+_GROUP = {"emb_world": "NLU", "emb_world_forms": "NLU", "emb_agreement": "NLU", "emb_selection": "NLU", "emb_yesno": "NLU", "emb_reverse": "Reasoning",
           "emb_sort": "Reasoning", "emb_minmax": "Reasoning", "emb_digit": "Math", "emb_arith_gen": "Math"}
 
 
@@ -504,8 +520,9 @@ def check_model_corpus(version: int, model_dir: str | Path) -> None:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise AllocMoeError(f"{f}: not a training summary ({type(e).__name__})") from None
     if got != need:
+        fits = ", ".join(suite_name(v) for v in VERSIONS if REQUIRES_CORPUS.get(v) in (None, got))
         raise AllocMoeError(f"{suite_name(version)} asks what corpus {need}'s world says, but {model_dir} was trained "
-                            f"on corpus {got}; evaluate it with embedded-v2 or train it with --corpus {need}")
+                            f"on corpus {got}; evaluate it with {fits} or train it with --corpus {need}")
 
 
 def suite_version_in(folder: str | Path) -> int | None:
