@@ -25,7 +25,9 @@ def test_measure_rows_and_the_experts_share(tmp_path, monkeypatch):
     order, real_run = [], latency._run
     monkeypatch.setattr(latency, "_run", lambda *a: order.append(a[-1]) or real_run(*a))
     before = _children()
-    rows, share = measure_with_share(model_dir, [("original", None), ("alloc-t", plan)], batch=2, prompt=8, decode=4,
+    # 16 decode steps: with 4, a noisy host once timed the 4-token request below the 1-token one (CI, 2026-12-07), and
+    # measure refuses a decode time it cannot measure
+    rows, share = measure_with_share(model_dir, [("original", None), ("alloc-t", plan)], batch=2, prompt=8, decode=16,
                                      warmup=1, runs=2, dtype="float32", seed=0, mode="auto",
                                      gpu_memory_utilization=0.5, moe_backend="auto")
     left = _children() - before
@@ -91,7 +93,7 @@ def test_compiled_engines_time_one_engine_per_plan_applied_at_load(tmp_path, mon
     plan = plan_for(model_dir, "alloc-t", [2.5, 1.5, 3.25])
     with caplog.at_level("INFO", logger="alloc_moe.vllm"):
         rows, share = latency.measure_with_share(
-            model_dir, [("original", None), ("alloc-t", plan)], batch=1, prompt=4, decode=3, warmup=1, runs=1,
+            model_dir, [("original", None), ("alloc-t", plan)], batch=1, prompt=4, decode=16, warmup=1, runs=1,
             dtype="float32", seed=0, distributed_executor_backend="uni")
     assert [(r["plan"], r["phase"]) for r in rows] == [
         ("original", "prefill"), ("original", "decode"), ("alloc-t", "prefill"), ("alloc-t", "decode")]
