@@ -11,7 +11,7 @@ Effects and intervals (`alloc_moe.report.stats`):
   seeds also the seeds). `se_paired` and `se_unpaired` show what pairing buys. Without per-item results (eval JSONs
   written before they were kept) the effect comes from the task scores and there is no interval. Items that ask
   about the same thing are resampled as one cluster (`embedded.CLUSTERS`: emb_world's items by the world's fact they ask
-  about, 48 of them; labels from the suite's task files, `item_clusters`), with cluster-robust standard errors.
+  about, 48 of them, emb_world_forms' by its 96; labels from the suite's task files, `item_clusters`), with cluster-robust standard errors.
 - load-balance claims ("layers"): a metric of load_balance.csv over the MoE layers of one plan: its mean, with a
   percentile bootstrap interval over the layers, or its extreme layer (min / max, no interval).
 - latency claims ("latency"): a ratio of latency.csv's median speedups. Against the ideal, the interval is the

@@ -2,7 +2,7 @@
 
 The model is loaded once per (model, dtype, device) in a process (`load_cached`): `alloc-moe eval` evaluates several
 plans, and perplexity, on one model object. Every plan asks the same requests, so their tokenization is kept too
-(`_pair_cache`): it was a fifth of a plan's evaluation time on the embedded default (2.5 of ~12 s).
+(`_PAIRS`, per tokenizer): it was 2-3 s of a plan's 12-14 s on the embedded default (docs/results/performance.md).
 """
 
 import contextlib

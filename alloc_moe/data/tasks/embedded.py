@@ -99,17 +99,15 @@ def _world_forms(r):
     return _world(r, syn.fact_v3, syn.WORLD_V3)
 
 
-def _world_fact(item: dict) -> str:
-    """The fact an emb_world item asks about: its question's noun (singular) and verb class, e.g. 'cat eat'."""
+def _world_fact(item: dict, key=syn.LEMMA.get) -> str:
+    """The fact an emb_world item asks about: its question's noun (singular, `key`) and verb class, e.g. 'cat eat'."""
     noun, verb = item["context"].split()[-2:]
-    cls = next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))
-    return f"{syn.LEMMA[noun]} {cls}"
+    return f"{key(noun)} {next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))}"
 
 
 def _world_form_fact(item: dict) -> str:
     """The fact an emb_world_forms item asks about: its question's noun as written and verb class, e.g. 'cats eat'."""
-    noun, verb = item["context"].split()[-2:]
-    return f"{noun} {next(c for c, (sg, pl, _) in syn.VERBS.items() if verb in (sg, pl))}"
+    return _world_fact(item, key=str)
 
 
 # task -> the cluster of one of its items (a dict of its jsonl): items of a cluster ask about the same thing, so a
