@@ -191,12 +191,12 @@ CORPORA = {
     "v1": (FAMILIES, TRAIN_WEIGHTS),
     "v2": ({"language": _language_v2, "patterns": pattern, "arithmetic": arithmetic},
            {"language": 2, "patterns": 1, "arithmetic": 2}),
-    # v3: v2 with the world keyed by the noun's word form (96 facts, `WORLD_V3`) at strength 0.7; staged, not yet
-    # the default (docs/results/task-suite-v4-exploration.md)
+    # v3: v2 with the world keyed by the noun's word form (96 facts, `WORLD_V3`) at strength 0.7
+    # (docs/results/task-suite-v4-exploration.md): the suite v4's NLU task asks about it
     "v3": ({"language": _language_v3, "patterns": pattern, "arithmetic": arithmetic},
            {"language": 2, "patterns": 1, "arithmetic": 2}),
 }
-CORPUS = "v2"  # the current version: `alloc-moe train`'s and `make-corpus`'s default, the workflow's `corpus:` default
+CORPUS = "v3"  # the current version: `alloc-moe train`'s and `make-corpus`'s default, the workflow's `corpus:` default
 
 
 def corpus_spec(corpus: str) -> tuple[dict, dict]:

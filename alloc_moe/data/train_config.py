@@ -23,7 +23,7 @@ class TrainConfig:
     router_lr_mult: float = 1.5
     seed: int = 0
     checkpoint_every: int = 50
-    corpus: str = "v2"  # synthetic corpus version (alloc_moe.data.synthetic.CORPORA): v2 has a world to learn
+    corpus: str = "v3"  # synthetic corpus version (alloc_moe.data.synthetic.CORPORA; = its CORPUS): v3 has a world to learn
 
     def check(self) -> None:
         from .synthetic import corpus_spec

@@ -124,8 +124,9 @@ def test_v1_is_byte_identical_to_the_suite_before_versioning(tmp_path):
 
 def test_suite_names_and_versions():
     assert tuple(embedded.NAMES) == EMBEDDED_NAMES
-    assert embedded.version_of("embedded") == embedded.VERSION == 3
-    assert [s.name for s in suite("embedded")] == [s.name for s in suite("embedded-v3")] == list(embedded.ITEMS_V3)
+    assert embedded.version_of("embedded") == embedded.VERSION == 4
+    assert [s.name for s in suite("embedded")] == [s.name for s in suite("embedded-v4")] == list(embedded.ITEMS_V4)
+    assert [s.name for s in suite("embedded-v3")] == list(embedded.ITEMS_V3)
     assert [s.name for s in suite("embedded-v2")] == list(embedded.ITEMS_V2)
     assert [s.name for s in suite("embedded-v1")] == list(embedded.ITEMS_V1)
     # v1 tasks kept in v2 keep their v1 items first (emb_digit all of them: lm-eval version 1.0; emb_sort with more
@@ -144,7 +145,7 @@ def test_suite_names_and_versions():
     assert [s.group for s in suite("embedded-v3")][0] == "NLU"
     assert {s.group for s in suite("embedded-v3")} == {"NLU", "Reasoning", "Math"}
     assert embedded.REQUIRES_CORPUS == {3: "v2", 4: "v3"}
-    # v4 (staged) = v2's tasks + emb_world_forms (lm-eval version 4.0), on corpus v3; v3 stays the default
+    # v4 (the default) = v2's tasks + emb_world_forms (lm-eval version 4.0), on corpus v3
     assert {t: n for t, n in embedded.ITEMS_V4.items() if t != "emb_world_forms"} == embedded.ITEMS_V2
     assert embedded.task_config("emb_world_forms", "x.jsonl", count=2951)["metadata"]["version"] == 4.0
     assert {s.group for s in suite("embedded-v4")} == {"NLU", "Reasoning", "Math"}
@@ -182,7 +183,7 @@ def test_corpus_v1_is_unchanged_and_v2_states_the_world():
     # v1's text as it was before corpus versions (digest of the drawing at commit 58edfa3)
     docs = syn.make_corpus(5, 3, corpus="v1")
     assert hashlib.sha256(json.dumps(docs).encode()).hexdigest()[:12] == "10d717588eb6"
-    assert syn.make_corpus(5, 3) == syn.make_corpus(5, 3, corpus=syn.CORPUS) and syn.CORPUS == "v2"
+    assert syn.make_corpus(5, 3) == syn.make_corpus(5, 3, corpus=syn.CORPUS) and syn.CORPUS == "v3"
     assert syn.corpus_spec("v1")[1] == {"language": 1, "patterns": 1, "arithmetic": 2}
     assert syn.corpus_spec("v2")[1] == {"language": 2, "patterns": 1, "arithmetic": 2}
     # v2's facts state the world's object with probability 0.8 + 0.2 / 4 (the uniform draw can hit it too); v1's 1/4
@@ -200,7 +201,7 @@ def test_corpus_v1_is_unchanged_and_v2_states_the_world():
 
 
 def test_corpus_v3_keys_the_world_by_the_nouns_word_form():
-    """Corpus v3 (staged): v2's draws, the object from a 96-fact world keyed by the noun as written, at 0.7. Its text is
+    """Corpus v3 (the default): v2's draws, the object from a 96-fact world keyed by the noun as written, at 0.7. Its text is
     the exploration's round 7 (docs/results/task-suite-v4-exploration.md), pinned by digest."""
     assert hashlib.sha256(json.dumps(syn.make_corpus(5, 3, corpus="v3")).encode()).hexdigest()[:12] == "d73aab989133"
     assert hashlib.sha256(json.dumps(sorted(syn.WORLD_V3.items())).encode()).hexdigest()[:12] == "ee4df6c7b312"
@@ -301,7 +302,7 @@ def test_make_tasks_version_flag(tmp_path, capsys):
     assert main(["make-tasks", "--out", str(tmp_path / "a"), "--version", "embedded-v1", "--items", "5"]) == 0
     assert json.loads((tmp_path / "a" / "suite.json").read_text())["version"] == 1
     assert main(["make-tasks", "--out", str(tmp_path / "b"), "--items", "5"]) == 0
-    assert sorted(p.stem for p in (tmp_path / "b").glob("*.yaml")) == sorted(embedded.ITEMS_V3)
+    assert sorted(p.stem for p in (tmp_path / "b").glob("*.yaml")) == sorted(embedded.ITEMS_V4)
     assert main(["make-tasks", "--out", str(tmp_path / "c"), "--version", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --version '5'" in err[0]

@@ -122,7 +122,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, msg):
 
 
 def test_corpus_version_is_a_training_setting(tmp_path, capsys):
-    """`corpus` picks the synthetic corpus (v2 by default: the world); an unknown one is one line, before any work."""
+    """`corpus` picks the synthetic corpus (v3 by default: the world keyed by word form); an unknown one is one line, before any work."""
     from alloc_moe.data import synthetic
     from alloc_moe.data.train import token_stream
 
@@ -130,7 +130,7 @@ def test_corpus_version_is_a_training_setting(tmp_path, capsys):
         TrainConfig(corpus="v9").check()
     small = dict(steps=4, batch_size=2, seq_len=16)
     v1, v2 = token_stream(TrainConfig(corpus="v1", **small)), token_stream(TrainConfig(**small))
-    assert TrainConfig().corpus == synthetic.CORPUS == "v2" and not torch.equal(v1, v2)
+    assert TrainConfig().corpus == synthetic.CORPUS == "v3" and not torch.equal(v1, v2)
     # v1's stream is the one the corpus drew before versions: its first document, packed after <s>
     doc = synthetic.make_corpus(0, 200, weights={"language": 1, "patterns": 1, "arithmetic": 2}, corpus="v1")
     order = torch.randperm(len(doc), generator=torch.Generator().manual_seed(0)).tolist()

@@ -151,9 +151,9 @@ def test_missing_local_data_file(setup, tmp_path, capsys):
 
 def test_embedded_tasks_load_offline_and_a_trained_model_beats_chance(tmp_path, monkeypatch):
     """A tiny model trained for 500 steps (seconds) already scores above chance in Reasoning and Math, offline. The
-    NLU task (emb_world) asks what corpus v2's world says, which such a model has not learned yet (near chance, 25):
-    it is loaded and scored from 200 items, and the embedded default's models learn it (50-76%,
-    docs/results/task-suite-v3.md)."""
+    NLU task (emb_world_forms) asks what corpus v3's world says, which such a model has not learned yet (near chance,
+    25): it is loaded and scored from 200 items, and the embedded default's models learn it (64-92%,
+    docs/results/task-suite-v4-exploration.md)."""
     from alloc_moe.data.train import TrainConfig, train
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -170,7 +170,7 @@ def test_embedded_tasks_load_offline_and_a_trained_model_beats_chance(tmp_path, 
         chance.setdefault(r["group"], []).append(res["chance"].get(r["task"], 0.0))
     margin = {"Reasoning": 5.0, "Math": 2.0}
     assert [g["group"] for g in res["groups"]] == ["NLU", "Reasoning", "Math"]
-    assert len(res["items"]["emb_world"]["emb_world"]) == 200 and chance["NLU"] == [25.0]
+    assert len(res["items"]["emb_world_forms"]["emb_world_forms"]) == 200 and chance["NLU"] == [25.0]
     for g in res["groups"][1:]:
         base = sum(chance[g["group"]]) / len(chance[g["group"]])
         assert g["value"] >= base + margin[g["group"]], (g, base)

@@ -159,10 +159,10 @@ def test_embedded_default_requests_no_gpu(tmp_path):
     assert any(j["rule"] == "profile_lexi" for j in jobs)
 
 
-@pytest.mark.parametrize("corpus", ["v1", "v2"])
+@pytest.mark.parametrize("corpus", ["v1", "v3"])
 def test_corpus_reaches_training_calibration_and_heldout_text(corpus, tmp_path):
     """`corpus:` decides the text of every job that draws the synthetic corpus: the training stream, each synthetic
-    calibration set and the held-out text (v1 with the suite that runs on it, v2 the default)."""
+    calibration set and the held-out text (v1 with the suite that runs on it, v3 the default)."""
     (tmp_path / "over.yaml").write_text("corpus: v1\nmodels: {embedded: {tasks: embedded-v2}}\n" if corpus == "v1" else "{}\n")
     res = snakemake_over_default(tmp_path / "work", [tmp_path / "over.yaml"], "-n", "--printshellcmds")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -214,12 +214,15 @@ BAD = {
     "unknown embedded suite": ("models: {olmoe-1b-7b-0924: {tasks: embedded-v9}}",
                                "models.olmoe-1b-7b-0924.tasks: unknown embedded task suite 'embedded-v9' (allowed: "
                                "embedded, embedded-v1, embedded-v2, embedded-v3, embedded-v4)"),
-    "suite v3 on corpus v1": ("corpus: v1\nmodels: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded}}",
-                              "models.embedded.tasks: embedded asks about corpus v2's world, but corpus is v1 (set "
+    "suite v3 on corpus v1": ("corpus: v1\nmodels: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded-v3}}",
+                              "models.embedded.tasks: embedded-v3 asks about corpus v2's world, but corpus is v1 (set "
                               "corpus: v2, or tasks: embedded-v2 for corpus v1)"),
-    "suite v4 on corpus v2": ("models: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded-v4}}",
-                              "models.embedded.tasks: embedded-v4 asks about corpus v3's world, but corpus is v2 (set "
+    "suite v4 on corpus v2": ("corpus: v2\nmodels: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded}}",
+                              "models.embedded.tasks: embedded asks about corpus v3's world, but corpus is v2 (set "
                               "corpus: v3, or tasks: embedded-v2 for corpus v2)"),
+    "suite v3 on corpus v3": ("models: {embedded: {train: {arch: olmoe}, budgets: [12], tasks: embedded-v3}}",
+                              "models.embedded.tasks: embedded-v3 asks about corpus v2's world, but corpus is v3 (set "
+                              "corpus: v2, or tasks: embedded-v2 for corpus v3)"),
     "unknown corpus": ("corpus: v9", "corpus: 'v9' is not one of ['v1', 'v2', 'v3']"),
     "hub id, no hub_config": ("models: {extra: {path: org/not-here, budgets: [8]}}",
                               "models.extra: cannot read the model config of 'org/not-here' ("),

@@ -98,7 +98,7 @@ def test_slurm_profile_asks_checkpoint_jobs_for_a_gpu(tmp_path):
 # ---- merge-safe configs: Snakemake merges --configfile over the embedded default (cluster jobs always do) ----
 
 WHOLE = ["ci.yaml", "paper.yaml", "smoke.yaml"]  # configs that stand for a whole run
-OVERLAYS = ["fidelity.yaml", "vllm.yaml", "suite-v4.yaml"]  # meant as changes of the embedded default
+OVERLAYS = ["fidelity.yaml", "vllm.yaml", "suite-v3.yaml"]  # meant as changes of the embedded default
 
 
 def _effective(cfg: dict) -> dict:

@@ -82,7 +82,7 @@ def test_workflow_writes_claims_table_consistent_with_accuracy(run):
         expected = sum(g["Alloc-MoE", r.budget, x] - g["Uniform", r.budget, x] for x in groups) / len(groups)
         assert r.effect == pytest.approx(expected, abs=1e-4)
         assert r.ci_low <= r.effect + 1e-9 and r.effect - 1e-9 <= r.ci_high and r.se_paired <= r.se_unpaired + 1e-9
-        clustered = " (emb_world: over the facts asked)" if r.group in ("NLU", "mean") else ""  # its 48 facts
+        clustered = " (emb_world_forms: over the facts asked)" if r.group in ("NLU", "mean") else ""  # its 96 facts
         assert r.test == "paired bootstrap over items" + clustered and r.seeds == 1 and r.n_items > 0
     for r in claims.itertuples():  # the verdict follows from the row by the stated rule
         c = next(c for c in CLAIMS if c.id == r.claim)

@@ -67,7 +67,7 @@ for _where, _name in [*((f"models.{m}.backend", s.get("backend")) for m, s in co
 from alloc_moe.data.tasks import EMBEDDED_NAMES
 from alloc_moe.data.tasks.embedded import REQUIRES_CORPUS, version_of
 
-CORPUS = config.get("corpus", "v2")  # the synthetic corpus of trained models, synthetic calibration and held-out text
+CORPUS = config.get("corpus", "v3")  # the synthetic corpus of trained models, synthetic calibration and held-out text
 
 for _m, _s in config["models"].items():
     for _t in str(_s.get("tasks", "embedded")).split(","):

@@ -1,11 +1,11 @@
 """The `embedded` task suite: multiple-choice (loglikelihood) and generation tasks on held-out synthetic items.
 
-Versioned (`VERSIONS`): `embedded` = the current version, v3; `embedded-v1` .. `embedded-v3` name one. v2 keeps
+Versioned (`VERSIONS`): `embedded` = the current version, v4; `embedded-v1` .. `embedded-v4` name one. v2 keeps
 emb_sort (with more items, v1's first) and emb_digit and replaces the rest, to a rule decided from the original
 model's scores alone (docs/results/task-suite-v2.md): emb_minmax_all (Reasoning) and emb_arith_mc (Math); no NLU task
 met the rule on the v1 corpus, so v2 has no NLU group. v3 (docs/results/task-suite-v3.md) is v2 plus an NLU task,
 emb_world: what corpus v2's world says (`synthetic.WORLD`) for a held-out question, so it needs a model trained on
-corpus v2 (`REQUIRES_CORPUS`). v4 (staged, not yet the default; docs/results/task-suite-v4-exploration.md) is v3
+corpus v2 (`REQUIRES_CORPUS`). v4 (the current one; docs/results/task-suite-v4-exploration.md) is v3
 on corpus v3, whose world has 96 facts instead of 48: emb_world_forms. `CANDIDATES` are every task tried for v2. The table below is v1:
 
 Three groups mirror the paper's (NLU / Reasoning / Math). Every item's question is held out from training and
@@ -50,10 +50,10 @@ ITEMS_V1 = {"emb_agreement": 800, "emb_selection": 800, "emb_yesno": 800, "emb_r
 ITEMS_V2 = {"emb_sort": 1600, "emb_minmax_all": 1600, "emb_digit": 1200, "emb_arith_mc": 1200}
 # v3 (docs/results/task-suite-v3.md): v2 and emb_world, at R2's NLU count (0.0768 x 196^2 = 2950.3 -> 2951)
 ITEMS_V3 = {"emb_world": 2951, **ITEMS_V2}
-# v4 (staged, not yet `embedded`): v3 on corpus v3, whose world has 96 facts keyed by the noun's word form
+# v4 (docs/results/task-suite-v4-exploration.md): v3 on corpus v3, whose world has 96 facts keyed by the noun's word form
 ITEMS_V4 = {"emb_world_forms": 2951, **ITEMS_V2}
 VERSIONS = {1: ITEMS_V1, 2: ITEMS_V2, 3: ITEMS_V3, 4: ITEMS_V4}
-VERSION = 3
+VERSION = 4
 # suite version -> the corpus version (synthetic.CORPORA) its models must be trained on; others run on any
 REQUIRES_CORPUS = {3: "v2", 4: "v3"}
 INTRODUCED = {"emb_world": 3, "emb_world_forms": 4}  # task -> the suite version that added it (its lm-eval metadata version); v2's: 2
