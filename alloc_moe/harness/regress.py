@@ -296,6 +296,10 @@ def check_config(base_dir: Path, cur_dir: Path, allow_change: bool) -> list[str]
         return [f"no manifest: {', '.join(absent)} (config not checked)"]
     hb, hc = (manifests[d]["config_hash"] for d in (base_dir, cur_dir))
     notes = [f"baseline commit {manifests[base_dir].get('git_commit')}, current commit {manifests[cur_dir].get('git_commit')}"]
+    hw = {d: (m.get("hardware") or {}).get("cpu_model") for d, m in manifests.items()}
+    if hw[base_dir] and hw[cur_dir] and hw[base_dir] != hw[cur_dir]:  # float sums differ by CPU; long training amplifies them
+        notes.append(f"CPUs differ (baseline {hw[base_dir]}, current {hw[cur_dir]}): a model the run trains can come out "
+                     "as different as another seed (docs/guides/reproducibility.md); compare runs made on one CPU type")
     for role, d in (("baseline", base_dir), ("current", cur_dir)):
         changed = changed_files(d, manifests[d])
         if changed:

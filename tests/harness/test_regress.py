@@ -292,6 +292,20 @@ def test_manifest_hashes_its_tables_and_regress_notes_an_edited_one(tmp_path, ca
     assert code == 0 and "baseline: perplexity.csv no longer match(es) the sha256" in out
 
 
+def test_regress_notes_runs_made_on_different_cpus(tmp_path, capsys):
+    """A model trained on another CPU type can differ like another seed (docs/guides/reproducibility.md): the report
+    says so when the manifests' CPU models differ, and only then."""
+    base, cur = make_run(tmp_path, "base"), make_run(tmp_path, "cur")
+    code, out, _ = cli(capsys, "--baseline", base, "--current", cur)
+    assert code == 0 and "CPUs differ" not in out
+    for run, cpu in ((base, "AMD EPYC"), (cur, "Intel(R) Xeon(R) Processor")):
+        m = json.loads((run / "summary/manifest.json").read_text())
+        m["hardware"]["cpu_model"] = cpu
+        (run / "summary/manifest.json").write_text(json.dumps(m))
+    code, out, _ = cli(capsys, "--baseline", base, "--current", cur)
+    assert code == 0 and "CPUs differ (baseline AMD EPYC, current Intel(R) Xeon(R) Processor)" in out
+
+
 def test_infinite_tolerance_reports_but_never_regresses(tmp_path, base):
     tol = tmp_path / "tol.yaml"
     tol.write_text("latency.csv:\n  median_ms: {tolerance: .inf}\n")
