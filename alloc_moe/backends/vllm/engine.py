@@ -8,7 +8,8 @@ Alloc-T couples the tokens that share an engine step, so results depend on the s
 settings that decide batch composition, and `engine_record` records them (with the vLLM version) in every result.
 
 `model_engine_args` adds what a checkpoint needs on the installed build: on the CPU build, MLA models with plain RoPE
-run vLLM's PyTorch RoPE, because the CPU rotary op mis-rotates MLA's 3-D query/key views (see its docstring).
+run vLLM's PyTorch RoPE, because the CPU rotary op mis-rotates MLA's 3-D query/key views, and float32 MLA models the
+reference CPU MLA attention, because the AMX one vLLM prefers on Intel CPUs refuses float32 weights (its docstring).
 
 Device defaults (`engine_kwargs`, settings in `alloc_moe.backends.vllm.options`): on CUDA (the `vllm` build with a visible
 GPU) vLLM's CUDA graphs, `gpu_memory_utilization` 0.85 and the Triton MoE experts; on the CPU build eager mode
@@ -68,8 +69,14 @@ def vllm_version() -> str:
     return version if name == "vllm" or "+" in version else f"{version}+cpu"
 
 
-def model_engine_args(model: str) -> dict:
-    """LLM(...) arguments `model` needs on the installed vLLM build ({} for most).
+def model_engine_args(model: str, dtype: str | None = None) -> dict:
+    """LLM(...) arguments `model` needs on the installed vLLM build at `dtype` (the resolved one; {} for most).
+
+    MLA in float32 on the CPU build: vLLM prefers its AMX MLA backend wherever the CPU has AMX tiles (Intel Xeon
+    since Sapphire Rapids; `platforms/cpu.py`, 0.32.0), and that backend's weight prepack refuses float32 ("expect
+    weight to be bfloat16, float16, int8, fp8_e4m3 or uint8"): the engine fails at load on such a machine and works
+    on one without AMX. float32 MLA engines therefore ask for the reference CPU MLA backend, the one vLLM picks on
+    every other CPU (`attention_config.backend: CPU_MLA`).
 
     vLLM's CPU rotary op (`RotaryEmbedding.forward_cpu` -> `_C.rotary_embedding`, CPU build 0.32.0) takes the token
     count from `positions`, the head count from the last dimension and the token stride from dimension -2: it expects
@@ -88,9 +95,12 @@ def model_engine_args(model: str) -> dict:
         return {}  # a hub name or an unreadable config: vLLM reports it itself
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    args = {}
     if config.get("kv_lora_rank") and rope_type == "default":
-        return {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
-    return {}
+        args["compilation_config"] = {"custom_ops": ["-rotary_embedding"]}
+    if config.get("kv_lora_rank") and dtype == "float32":
+        args["attention_config"] = {"backend": "CPU_MLA"}
+    return args
 
 
 def on_cuda() -> bool:
@@ -153,7 +163,7 @@ def engine_kwargs(*, dtype: str, seed: int, model: str | None = None, mode: str 
     defaults = device_defaults(cuda, mode)
     overrides = _resolved_overrides(overrides, cuda)
     dtype = resolve_dtype(dtype, model)
-    model_args = model_engine_args(model) if model is not None else {}
+    model_args = model_engine_args(model, dtype) if model is not None else {}
     kwargs = {**SCHEDULER, **defaults, "dtype": dtype, "seed": seed, **model_args, **overrides}
     _check_graphs_scope(kwargs, cuda)
     return kwargs
@@ -171,8 +181,8 @@ def engine_record(kwargs: dict, *, mode: str = "auto") -> dict:
     """Provenance of a vLLM result: distribution and version (and whether alloc-moe tested it, `compat`), scheduler
     settings, Alloc-T scope, compile mode (the
     `mode` asked for and the resolved `enforce_eager`), `gpu_memory_utilization` and `moe_backend` as passed to vLLM
-    (None: not passed, vLLM's own default; the CPU build takes neither), and the custom ops turned off for the model
-    (`model_engine_args`)."""
+    (None: not passed, vLLM's own default; the CPU build takes neither), and the custom ops turned off and the
+    attention backend chosen for the model (`model_engine_args`)."""
     from .compat import check_supported
 
     name, version = vllm_distribution()
@@ -186,6 +196,7 @@ def engine_record(kwargs: dict, *, mode: str = "auto") -> dict:
         "enforce_eager": kwargs.get("enforce_eager", True),
         "alloc_t_scope": os.environ.get(SCOPE_ENV, "step"),
         "custom_ops": kwargs.get("compilation_config", {}).get("custom_ops", []),
+        "attention_backend": kwargs.get("attention_config", {}).get("backend"),
         "mode": mode,
         "gpu_memory_utilization": kwargs.get("gpu_memory_utilization"),
         "moe_backend": kwargs.get("moe_backend"),
