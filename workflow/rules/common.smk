@@ -65,9 +65,10 @@ for _where, _name in [*((f"models.{m}.backend", s.get("backend")) for m, s in co
 # Embedded task suites are versioned (`embedded` = the current version, `embedded-v<n>` one version): a misspelt
 # version fails here, not in a job. Other `tasks` values (lm-eval names, task YAML paths) are checked by the eval job.
 from alloc_moe.data.tasks import EMBEDDED_NAMES
+from alloc_moe.data.synthetic import CORPUS as _CURRENT_CORPUS
 from alloc_moe.data.tasks.embedded import REQUIRES_CORPUS, version_of
 
-CORPUS = config.get("corpus", "v3")  # the synthetic corpus of trained models, synthetic calibration and held-out text
+CORPUS = config.get("corpus", _CURRENT_CORPUS)  # the synthetic corpus of trained models, synthetic calibration and held-out text
 
 for _m, _s in config["models"].items():
     for _t in str(_s.get("tasks", "embedded")).split(","):
