@@ -402,6 +402,32 @@ def claims_summary(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolution(df: pd.DataFrame, difference: float = 1.0) -> pd.DataFrame:
+    """How finely each task group resolves (the suite's rule R2, docs/results/task-suite-v2.md): over the rows of the
+    per-group method claims (Figs. 3, 4, 6) with a paired SE, per group the rows, their median paired SE and how many
+    resolve `difference` points (1.96 x SE <= difference). Columns: group, rows, median_se, resolved."""
+    per_group = {c.id for c in CLAIMS if c.kind == "methods" and c.groups == Claim.groups}
+    d = df[df.claim.isin(per_group) & np.isfinite(df.se_paired.astype(float))]
+    out = [{"group": g, "rows": len(x), "median_se": float(x.se_paired.median()),
+            "resolved": int((1.96 * x.se_paired <= difference).sum())}
+           for g in Claim.groups if len(x := d[d.group == g])]
+    return pd.DataFrame(out, columns=["group", "rows", "median_se", "resolved"])
+
+
+def resolution_summary(df: pd.DataFrame, difference: float = 1.0) -> str:
+    """fidelity.md's section on `resolution`: a group passes R2 when every one of its rows resolves `difference`."""
+    lines = ["## Resolution per task group", "",
+             f"The suite's rule R2: every group's paired standard error resolves a {difference:g}-point difference "
+             f"(1.96 x SE <= {difference:g}), here over the rows of Figs. 3, 4 and 6 (every method pair, budget and "
+             "group; over the seeds where there are several). The suite is held to it over the fidelity study's seeds "
+             "(config/fidelity.yaml); one seed's SEs are larger.", "",
+             "| group | rows | median paired SE | rows resolving 1.96 x SE <= %g | R2 |" % difference, "|---|---:|---:|---:|---|"]
+    for r in resolution(df, difference).itertuples():
+        lines.append(f"| {r.group} | {r.rows} | {r.median_se:.3f} | {r.resolved} | "
+                     f"{'met' if r.resolved == r.rows else 'not met'} |")
+    return "\n".join(lines) + "\n"
+
+
 def claims_details(df: pd.DataFrame) -> str:
     """fidelity.md's tail: every row of the claims table, one section per claim."""
     lines = ["## The claims, row by row", ""]

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.report.claims import CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, verdict
+from alloc_moe.report.claims import (CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, resolution,
+                                     resolution_summary, verdict)
 from alloc_moe.report.summary import eval_files, write_csv
 
 N = 100  # items per task
@@ -246,3 +247,20 @@ def test_claims_csv_is_byte_stable_and_fidelity_sections(evals, tmp_path):
 def test_eval_files_expands_directories(evals):
     files = sorted(evals.glob("*.json"))
     assert eval_files([evals]) == files and eval_files([str(files[0])]) == files[:1]
+
+
+def test_resolution_counts_rows_that_resolve_the_difference_per_group():
+    """R2 per group over Figs. 3, 4 and 6's rows, hand-computed: 1.96 x SE <= 1 <=> SE <= 0.5102; other claims and rows
+    without a paired SE are left out."""
+    rows = [("fig3-alloc-moe-vs-baselines", "NLU", 0.30), ("fig4-alloc-l-vs-layer-baselines", "NLU", 0.52),
+            ("fig6-alloc-t-vs-token-baselines", "NLU", 0.50), ("fig3-alloc-moe-vs-baselines", "Math", 0.10),
+            ("fig3-alloc-moe-vs-baselines", "Math", float("nan")), ("table4-l-improves-uniform", "mean", 0.90),
+            ("fig3-alloc-moe-vs-baselines", "mean", 0.20), ("fig5-speedup-near-ideal", "decode", 0.01)]
+    df = pd.DataFrame([{"claim": c, "group": g, "se_paired": se} for c, g, se in rows])
+    r = resolution(df)
+    assert r.to_dict("records") == [{"group": "NLU", "rows": 3, "median_se": 0.50, "resolved": 2},
+                                    {"group": "Math", "rows": 1, "median_se": 0.10, "resolved": 1},
+                                    {"group": "mean", "rows": 1, "median_se": 0.20, "resolved": 1}]
+    assert resolution(df, difference=0.5).resolved.tolist() == [0, 1, 1]  # NLU: 1.96 x 0.30 = 0.588 > 0.5
+    text = resolution_summary(df)
+    assert "| NLU | 3 | 0.500 | 2 | not met |" in text and "| Math | 1 | 0.100 | 1 | met |" in text

@@ -94,6 +94,7 @@ def test_workflow_writes_claims_table_consistent_with_accuracy(run):
     assert claims[claims.claim == "fig5-speedup-as-lexi"].group.tolist() == ["decode", "prefill"] * 2
     fidelity = (run / "results/summary/fidelity.md").read_text()
     assert fidelity.startswith("## The paper's claims on this run") and "## Scores over training seeds" in fidelity
+    assert "## Resolution per task group" in fidelity and "| mean | " in fidelity
 
 
 def test_workflow_is_up_to_date_after_a_run(run):
