@@ -407,7 +407,8 @@ def resolution(df: pd.DataFrame, difference: float = 1.0) -> pd.DataFrame:
     per-group method claims (Figs. 3, 4, 6) with a paired SE, per group the rows, their median paired SE and how many
     resolve `difference` points (1.96 x SE <= difference). Columns: group, rows, median_se, resolved."""
     per_group = {c.id for c in CLAIMS if c.kind == "methods" and c.groups == Claim.groups}
-    d = df[df.claim.isin(per_group) & np.isfinite(df.se_paired.astype(float))]
+    se = pd.to_numeric(df.se_paired, errors="coerce")  # empty cells (a CSV read with keep_default_na=False) -> NaN
+    d = df.assign(se_paired=se)[df.claim.isin(per_group) & np.isfinite(se)]
     out = [{"group": g, "rows": len(x), "median_se": float(x.se_paired.median()),
             "resolved": int((1.96 * x.se_paired <= difference).sum())}
            for g in Claim.groups if len(x := d[d.group == g])]

@@ -262,5 +262,7 @@ def test_resolution_counts_rows_that_resolve_the_difference_per_group():
                                     {"group": "Math", "rows": 1, "median_se": 0.10, "resolved": 1},
                                     {"group": "mean", "rows": 1, "median_se": 0.20, "resolved": 1}]
     assert resolution(df, difference=0.5).resolved.tolist() == [0, 1, 1]  # NLU: 1.96 x 0.30 = 0.588 > 0.5
+    blank = df.assign(se_paired=df.se_paired.map(lambda v: "" if v != v else str(v)))  # as read keep_default_na=False
+    assert resolution(blank).equals(r)
     text = resolution_summary(df)
     assert "| NLU | 3 | 0.500 | 2 | not met |" in text and "| Math | 1 | 0.100 | 1 | met |" in text
