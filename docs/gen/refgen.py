@@ -208,7 +208,7 @@ def config_markdown() -> str:
         "documentation build. Descriptions come from the schema's `description`, extended by",
         "`docs/gen/config_descriptions.yaml` where the schema says nothing or too little.",
         "",
-        "Files: `config/config.yaml` is the embedded default; `config/fidelity.yaml` (five seeds), `config/ci.yaml`",
+        "Files: `config/config.yaml` is the embedded default; `config/fidelity.yaml` (seven seeds), `config/ci.yaml`",
         "(the CI reference), `config/vllm.yaml` (the default through vLLM), `config/smoke.yaml` and",
         "`config/paper.yaml` (real checkpoints on a GPU) are merged over it with `--configfile`, as Snakemake merges",
         "config files; a model set to `null` is left out. Single keys: `--config key=value`. See",
