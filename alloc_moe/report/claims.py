@@ -415,8 +415,31 @@ def resolution(df: pd.DataFrame, difference: float = 1.0) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["group", "rows", "median_se", "resolved"])
 
 
-def resolution_summary(df: pd.DataFrame, difference: float = 1.0) -> str:
-    """fidelity.md's section on `resolution`: a group passes R2 when every one of its rows resolves `difference`."""
+def seed_resolution(evals, *, k_base: int, calibration: str, clusters: dict | None = None,
+                    difference: float = 1.0) -> pd.DataFrame:
+    """`resolution` on each training seed alone: the same rows (Figs. 3, 4 and 6, per group) with one seed's paired SE.
+    Over k seeds a row's SE is sqrt(sum of the seeds' squared SEs) / k, so this shows which seed holds a group back.
+    Analytic SEs only (no bootstrap). Columns: seed, group, rows, median_se, resolved."""
+    entries = load_entries(evals)
+    rows = []
+    for c in CLAIMS:
+        if c.kind != "methods" or c.groups != Claim.groups:
+            continue
+        for *_, a, b in _pairs(c, entries, k_base, calibration):
+            for s in sorted(set(a) & set(b)):
+                for group in c.groups:
+                    st = _strata(a[s], b[s], group, clusters)
+                    if st is not None and st[0] is not None:
+                        rows.append({"seed": s, "claim": c.id, "group": group, "se_paired": stats.paired_se(st[0])})
+    df = pd.DataFrame(rows, columns=["seed", "claim", "group", "se_paired"])
+    out = [resolution(x, difference).assign(seed=s) for s, x in df.groupby("seed")]
+    cols = ["seed", "group", "rows", "median_se", "resolved"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def resolution_summary(df: pd.DataFrame, difference: float = 1.0, per_seed: pd.DataFrame | None = None) -> str:
+    """fidelity.md's section on `resolution`: a group passes R2 when every one of its rows resolves `difference`;
+    with `per_seed` (`seed_resolution`) of several seeds, a table of each seed's median SE and resolved rows."""
     lines = ["## Resolution per task group", "",
              f"The suite's rule R2: every group's paired standard error resolves a {difference:g}-point difference "
              f"(1.96 x SE <= {difference:g}), here over the rows of Figs. 3, 4 and 6 (every method pair, budget and "
@@ -426,6 +449,14 @@ def resolution_summary(df: pd.DataFrame, difference: float = 1.0) -> str:
     for r in resolution(df, difference).itertuples():
         lines.append(f"| {r.group} | {r.rows} | {r.median_se:.3f} | {r.resolved} | "
                      f"{'met' if r.resolved == r.rows else 'not met'} |")
+    if per_seed is not None and per_seed.seed.nunique() > 1:
+        groups = [g for g in Claim.groups if g in set(per_seed.group)]
+        lines += ["", "Each seed alone, median paired SE (rows resolving 1.96 x SE <= %g). Over k seeds a row's SE is "
+                  "sqrt(sum of the seeds' squared SEs) / k, so a seed with large SEs holds its group back:" % difference,
+                  "", "| seed | " + " | ".join(groups) + " |", "|---:" + "|---:" * len(groups) + "|"]
+        for seed, x in per_seed.groupby("seed"):
+            cell = {r.group: f"{r.median_se:.3f} ({r.resolved} of {r.rows})" for r in x.itertuples()}
+            lines.append(f"| {seed} | " + " | ".join(cell.get(g, "") for g in groups) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from alloc_moe.errors import AllocMoeError
 from alloc_moe.report.claims import (CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, resolution,
-                                     resolution_summary, verdict)
+                                     resolution_summary, seed_resolution, verdict)
 from alloc_moe.report.summary import eval_files, write_csv
 
 N = 100  # items per task
@@ -266,3 +266,36 @@ def test_resolution_counts_rows_that_resolve_the_difference_per_group():
     assert resolution(blank).equals(r)
     text = resolution_summary(df)
     assert "| NLU | 3 | 0.500 | 2 | not met |" in text and "| Math | 1 | 0.100 | 1 | met |" in text
+
+
+def test_seed_resolution_is_each_seed_alone_and_pools_as_the_claims_table(tmp_path):
+    """Per seed, the same rows as the claims table on that seed's evals alone; over the seeds a row's SE is
+    sqrt(sum of the seeds' squared SEs) / k."""
+    d = tmp_path / "e"
+    d.mkdir()
+    for seed, k, lost in ((0, 4, 0), (1, 30, 20)):  # seed 1's plan flips many more answers: a larger SE
+        alloc = _better(k)
+        alloc[:lost] = [0] * lost
+        _write(d, "Uniform", 4, {"t_nlu": _base(), "t_math": _base()}, seed=seed)
+        _write(d, "Alloc-MoE", 4, {"t_nlu": _base(), "t_math": alloc}, seed=seed)
+        _write(d, "LExI", 4, {"t_nlu": _better(1), "t_math": _base()}, seed=seed)
+    per_seed = seed_resolution([d], k_base=1, calibration="cal")
+    assert per_seed.seed.tolist() == [0, 0, 0, 1, 1, 1]
+    for seed in (0, 1):
+        alone = tmp_path / f"s{seed}"
+        alone.mkdir()
+        for f in d.glob(f"*__s{seed}.json"):
+            (alone / f.name).write_bytes(f.read_bytes())
+        expect = resolution(claims_table([alone], k_base=1, calibration="cal"))
+        got = per_seed[per_seed.seed == seed].drop(columns="seed").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, expect, check_dtype=False)
+    both = _row(claims_table([d], k_base=1, calibration="cal"), "fig3-alloc-moe-vs-baselines", group="Math",
+                comparison="Alloc-MoE vs Uniform").se_paired
+    one = [_row(claims_table(sorted(d.glob(f"*__s{s}.json")), k_base=1, calibration="cal"),
+                "fig3-alloc-moe-vs-baselines", group="Math", comparison="Alloc-MoE vs Uniform").se_paired for s in (0, 1)]
+    assert both == pytest.approx(math.sqrt(one[0] ** 2 + one[1] ** 2) / 2)
+    assert one[1] > 2 * one[0]
+    text = resolution_summary(claims_table([d], k_base=1, calibration="cal"), per_seed=per_seed)
+    assert "| seed | NLU | Math | mean |" in text and text.count("\n| 0 | ") == 1 and text.count("\n| 1 | ") == 1
+    assert "| seed |" not in resolution_summary(claims_table([d], k_base=1, calibration="cal"),
+                                                 per_seed=per_seed[per_seed.seed == 0])
