@@ -158,6 +158,10 @@ class Entry:
 
 
 def load_entries(paths) -> list[Entry]:
+    """The eval JSONs behind `paths` (files or folders, `eval_files`) as Entries; a list of Entries is returned as it is,
+    so a caller that needs them twice (`claims_table`, `seed_resolution`) reads the files once."""
+    if paths and all(isinstance(p, Entry) for p in paths):
+        return list(paths)
     out = []
     for p in eval_files(paths):
         try:
@@ -358,7 +362,7 @@ def latency_rows(c: Claim, lat: pd.DataFrame | None, k_base: int, calibration: s
 
 def claims_table(evals, *, k_base: int, calibration: str, latency: pd.DataFrame | None = None,
                  load_balance: pd.DataFrame | None = None, clusters: dict | None = None) -> pd.DataFrame:
-    """Every claim of `CLAIMS` on the eval JSONs `evals` (files or directories) and the latency / load-balance
+    """Every claim of `CLAIMS` on the eval JSONs `evals` (files or directories, or their `load_entries`) and the latency / load-balance
     tables (None: not measured), with `clusters` (`item_clusters`; None: every item independent): the COLUMNS of
     claims.csv, byte-stable order."""
     entries = load_entries(evals)

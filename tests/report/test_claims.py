@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from alloc_moe.errors import AllocMoeError
-from alloc_moe.report.claims import (CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, resolution,
-                                     resolution_summary, seed_resolution, verdict)
+from alloc_moe.report.claims import (CLAIMS, COLUMNS, claims_details, claims_summary, claims_table, load_entries,
+                                     resolution, resolution_summary, seed_resolution, verdict)
 from alloc_moe.report.summary import eval_files, write_csv
 
 N = 100  # items per task
@@ -299,3 +299,7 @@ def test_seed_resolution_is_each_seed_alone_and_pools_as_the_claims_table(tmp_pa
     assert "| seed | NLU | Math | mean |" in text and text.count("\n| 0 | ") == 1 and text.count("\n| 1 | ") == 1
     assert "| seed |" not in resolution_summary(claims_table([d], k_base=1, calibration="cal"),
                                                  per_seed=per_seed[per_seed.seed == 0])
+    entries = load_entries([d])  # the claims rule reads the files once and passes the entries to both
+    pd.testing.assert_frame_equal(claims_table(entries, k_base=1, calibration="cal"),
+                                  claims_table([d], k_base=1, calibration="cal"))
+    pd.testing.assert_frame_equal(seed_resolution(entries, k_base=1, calibration="cal"), per_seed)
