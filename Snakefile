@@ -13,6 +13,7 @@ configfile: "config/config.yaml"
 report: "workflow/report/workflow.rst"  # `snakemake --report results/report.html`: every figure and table, captioned
 
 
+include: "workflow/rules/scheduler.smk"  # local runs: no job-rate limiter and its 1-s timer chains
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
