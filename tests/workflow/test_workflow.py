@@ -197,3 +197,21 @@ def test_editing_the_hf_backend_reruns_evaluation_not_training(run, tmp_path):
 @pytest.mark.parametrize("module", ["harness/regress.py", "cli.py"])  # unused by rules; the dispatcher of every command
 def test_editing_unused_code_or_the_dispatcher_reruns_nothing(run, tmp_path, module):
     assert _rerun_after_editing(run, tmp_path, module) == {}
+
+
+def test_accuracy_jobs_start_longest_first(tmp_path):
+    """An accuracy job's priority is its plan count (its time is about that), so of the jobs that are ready together
+    the scheduler starts the longest: the embedded default's dry run, per job, against the plans in its input."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(ROOT / "config/config.yaml", tmp_path / "config/config.yaml")
+    res = snakemake(tmp_path, "-n", "--cores", "2", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = [block for block in re.split(r"\n(?=(?:local)?rule )", res.stdout + res.stderr)
+            if re.match(r"(?:local)?rule accuracy:", block)]
+    got = {re.search(r"label=(\S+)", b).group(1): (int(re.search(r"priority: (\d+)", b).group(1)),
+                                                   re.search(r"input: (.*)", b).group(1).count("/plans/"))
+           for b in jobs}
+    assert set(got) == {"original", "B12", "B16", "B20", "B24"}
+    assert got["original"] == (1, 0)  # the original model is one evaluation, with no plan file
+    assert all(priority == plans > 1 for label, (priority, plans) in got.items() if label != "original"), got
+    assert len({p for p, _ in got.values()}) > 2  # the budgets' plan counts differ (12-14): the order is not a tie
