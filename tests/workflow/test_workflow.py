@@ -201,7 +201,8 @@ def test_editing_unused_code_or_the_dispatcher_reruns_nothing(run, tmp_path, mod
 
 def test_accuracy_jobs_start_longest_first(tmp_path):
     """An accuracy job's priority is its plan count (its time is about that), so of the jobs that are ready together
-    the scheduler starts the longest: the embedded default's dry run, per job, against the plans in its input."""
+    the scheduler starts the longest; the plan jobs' priority is above all of them, so every plan is done first and
+    the accuracy jobs are ready together. The embedded default's dry run, per job, against the plans in its input."""
     (tmp_path / "config").mkdir()
     shutil.copy(ROOT / "config/config.yaml", tmp_path / "config/config.yaml")
     res = snakemake(tmp_path, "-n", "--cores", "2", timeout=300)
@@ -215,3 +216,7 @@ def test_accuracy_jobs_start_longest_first(tmp_path):
     assert got["original"] == (1, 0)  # the original model is one evaluation, with no plan file
     assert all(priority == plans > 1 for label, (priority, plans) in got.items() if label != "original"), got
     assert len({p for p, _ in got.values()}) > 2  # the budgets' plan counts differ (12-14): the order is not a tie
+    plans = [block for block in re.split(r"\n(?=(?:local)?rule )", res.stdout + res.stderr)
+             if re.match(r"(?:local)?rule plan:", block)]
+    assert len(plans) > 40 and {re.search(r"priority: (\d+)", b).group(1) for b in plans} == {"100"}
+    assert 100 > max(p for p, _ in got.values())  # every plan before any accuracy job: those are ready together

@@ -25,8 +25,9 @@ rule accuracy:
         code=code("alloc_moe.stages.accuracy"),
     threads: 1
     # longest first: a job's time is about its plan count (12-14 in the embedded default). Of the jobs that are ready
-    # together the scheduler starts the highest priority, so the shortest runs last instead of one core idling
-    # while the longest one finishes alone. Not a rerun trigger.
+    # together the scheduler starts the highest priority (the plan jobs' priority, above these, makes them ready
+    # together), so the shortest runs last instead of one core idling while the longest finishes alone. Not a rerun
+    # trigger.
     priority: lambda wildcards: len(eval_plans(wildcards.run, wildcards.label))
     resources:  # a real checkpoint (path:) evaluates on a GPU; the embedded model on CPU
         gpu=gpu_of_run,

@@ -8,6 +8,9 @@ rule plan:
         token="topk|alloc-t|top-p|naee",
         kb=r"[0-9]+",
         budget=r"[0-9.]+",
+    # before any accuracy job (priority = its plan count, accuracy.smk): every plan is done, so the accuracy jobs are
+    # ready together and start longest first, instead of in the order their plans happened to finish
+    priority: 100
     params:
         routing=lambda wc, input: f"--routing-scores {input.routing}" if "routing" in input.keys() else "",
         normalization=config.get("normalization", "relative"),
